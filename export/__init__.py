@@ -1,0 +1,1 @@
+"""PyTorch side of the toolkit: models, checkpoint loading, latent format, eager reference."""

@@ -1,0 +1,104 @@
+"""FLUX.2 latent format (MODEL.md section 3): 2x2 patchify, BN normalisation, packed form.
+
+The Flow Upscaler works on normalised 32-channel latents at 1/8 of pixel size. The VAE's
+normalisation lives in patchified space (128 channels at 1/16), which is also the packed form
+ComfyUI passes around, so ``pack``/``unpack`` are patchify/unpatchify with their channel counts
+checked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+LATENT_CHANNELS = 32
+PACKED_CHANNELS = 4 * LATENT_CHANNELS
+
+
+class InvalidLatentsError(ValueError):
+    """A latent tensor has the wrong rank, channels, size, dtype or non-finite values."""
+
+
+def _require_rank4(x: torch.Tensor, name: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise InvalidLatentsError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise InvalidLatentsError(
+            f"{name} must have rank 4 [batch, channels, height, width], got shape {tuple(x.shape)}"
+        )
+
+
+def patchify(latents: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] -> [B, 4C, H/2, W/2]; channel ``4c + 2i + j`` holds pixel (2y+i, 2x+j)."""
+    _require_rank4(latents, "latents")
+    b, c, h, w = latents.shape
+    if h % 2 or w % 2:
+        raise InvalidLatentsError(f"patchify needs even height and width, got {h}x{w}")
+    x = latents.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)
+    return x.reshape(b, 4 * c, h // 2, w // 2)
+
+
+def unpatchify(patches: torch.Tensor) -> torch.Tensor:
+    """Exact inverse of ``patchify``: [B, 4C, h, w] -> [B, C, 2h, 2w]."""
+    _require_rank4(patches, "patches")
+    b, c4, h, w = patches.shape
+    if c4 % 4:
+        raise InvalidLatentsError(f"unpatchify needs a channel count divisible by 4, got {c4}")
+    x = patches.reshape(b, c4 // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3)
+    return x.reshape(b, c4 // 4, 2 * h, 2 * w)
+
+
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """32-channel latent [B, 32, H, W] -> ComfyUI's packed FLUX.2 form [B, 128, H/2, W/2]."""
+    _require_rank4(latents, "latents")
+    if latents.shape[1] != LATENT_CHANNELS:
+        raise InvalidLatentsError(
+            f"pack expects {LATENT_CHANNELS} channels, got {latents.shape[1]}"
+        )
+    return patchify(latents)
+
+
+def unpack(packed: torch.Tensor) -> torch.Tensor:
+    """Packed FLUX.2 latent [B, 128, h, w] -> the 32-channel form [B, 32, 2h, 2w]."""
+    _require_rank4(packed, "packed latents")
+    if packed.shape[1] != PACKED_CHANNELS:
+        raise InvalidLatentsError(
+            f"unpack expects {PACKED_CHANNELS} channels, got {packed.shape[1]}"
+        )
+    return unpatchify(packed)
+
+
+@dataclass(frozen=True)
+class LatentStats:
+    """Per-channel mean and std of the VAE's patchified latents (its affine-free BatchNorm)."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    @classmethod
+    def from_running_stats(
+        cls, running_mean: torch.Tensor, running_var: torch.Tensor, eps: float
+    ) -> "LatentStats":
+        mean = running_mean.detach().float().reshape(1, -1, 1, 1)
+        std = torch.sqrt(running_var.detach().float() + eps).reshape(1, -1, 1, 1)
+        return cls(mean=mean, std=std)
+
+    @classmethod
+    def from_vae(cls, vae: torch.nn.Module) -> "LatentStats":
+        """Read the stats of a diffusers ``AutoencoderKLFlux2`` (eps from its config)."""
+        return cls.from_running_stats(
+            vae.bn.running_mean, vae.bn.running_var, vae.config.batch_norm_eps
+        )
+
+
+def normalise(latents: torch.Tensor, stats: LatentStats) -> torch.Tensor:
+    """Raw VAE latent (32 ch) -> the normalised latent the Flow Upscaler takes."""
+    patches = patchify(latents)
+    return unpatchify((patches - stats.mean.to(patches)) / stats.std.to(patches))
+
+
+def denormalise(latents: torch.Tensor, stats: LatentStats) -> torch.Tensor:
+    """Normalised latent (32 ch) -> raw VAE latent, ready for ``post_quant_conv``."""
+    patches = patchify(latents)
+    return unpatchify(patches * stats.std.to(patches) + stats.mean.to(patches))

@@ -1,0 +1,203 @@
+"""The fp32 eager reference: one-step 2x upscale and its 4x/8x chains (MODEL.md section 2).
+
+Every later check (ONNX, engines, runtime backends) compares against these functions.
+
+Noise: one CPU ``torch.Generator`` seeded with ``seed``; pass k draws its [B, 32, 2h, 2w] fp32
+noise with ``torch.randn`` after passes 0..k-1 drew theirs. Drawing on the CPU makes the noise
+identical on every device and backend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from .latents import LATENT_CHANNELS, InvalidLatentsError, pack, unpack
+from .models.upscaler_unet import UpscalerUNet
+
+TIMESTEP = 1000.0
+SCALES = (2, 4, 8)
+
+
+def _describe(x: torch.Tensor) -> str:
+    return f"shape {tuple(x.shape)}"
+
+
+def validate_latents(latents: torch.Tensor, name: str = "latents", grid: int = 2) -> None:
+    """Refuse anything but a finite float [B, 32, h, w] tensor with h, w multiples of ``grid``."""
+    if not isinstance(latents, torch.Tensor):
+        raise InvalidLatentsError(f"{name} must be a torch.Tensor, got {type(latents).__name__}")
+    if latents.dim() != 4:
+        raise InvalidLatentsError(
+            f"{name} must have rank 4 [batch, {LATENT_CHANNELS}, height, width], got {_describe(latents)}"
+        )
+    batch, channels, height, width = latents.shape
+    if channels != LATENT_CHANNELS:
+        raise InvalidLatentsError(
+            f"{name} must have {LATENT_CHANNELS} channels (unpacked FLUX.2 latent), got {channels}"
+        )
+    if batch < 1 or height < grid or width < grid or height % grid or width % grid:
+        raise InvalidLatentsError(
+            f"{name} height and width must be positive multiples of {grid}, got {height}x{width}"
+        )
+    if not latents.is_floating_point():
+        raise InvalidLatentsError(f"{name} must be a floating-point tensor, got {latents.dtype}")
+    if not torch.isfinite(latents).all():
+        raise InvalidLatentsError(f"{name} contains NaN or Inf values")
+
+
+def validate_pass_inputs(sample: torch.Tensor, latents_small: torch.Tensor) -> None:
+    """One pass: ``sample`` on the multiple-of-4 grid, ``latents_small`` exactly half its size."""
+    validate_latents(sample, "sample", grid=4)
+    validate_latents(latents_small, "latents_small", grid=2)
+    b, _, h, w = sample.shape
+    expected = (b, LATENT_CHANNELS, h // 2, w // 2)
+    if tuple(latents_small.shape) != expected:
+        raise InvalidLatentsError(
+            f"latents_small must be {expected} for a sample of {_describe(sample)}, "
+            f"got {_describe(latents_small)}"
+        )
+
+
+def pass_noise(generator: torch.Generator, latents_small: torch.Tensor) -> torch.Tensor:
+    """The next pass's noise, [B, 32, 2h, 2w] fp32 drawn on the CPU, moved to the input's device."""
+    b, c, h, w = latents_small.shape
+    noise = torch.randn((b, c, 2 * h, 2 * w), generator=generator, dtype=torch.float32)
+    return noise.to(latents_small.device)
+
+
+@torch.no_grad()
+def velocity(model: UpscalerUNet, sample: torch.Tensor, latents_small: torch.Tensor) -> torch.Tensor:
+    """The model's velocity at t = 1000, in fp32, after input validation."""
+    validate_pass_inputs(sample, latents_small)
+    if model.training:
+        raise RuntimeError("the model is in training mode (dropout active); call model.eval() first")
+    timestep = torch.full((sample.shape[0],), TIMESTEP, dtype=torch.float32, device=sample.device)
+    return model(sample=sample.float(), timestep=timestep, latents_small=latents_small.float()).float()
+
+
+def upscale_step(model: UpscalerUNet, latents_small: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """One flow-match Euler step from sigma 1 to 0: ``x0 = noise - v``, in fp32."""
+    return noise.float() - velocity(model, noise, latents_small)
+
+
+def upscale(
+    model: UpscalerUNet,
+    latents: torch.Tensor,
+    scale: int = 2,
+    seed: int = 0,
+) -> torch.Tensor:
+    """2x, 4x or 8x: the one-step pass chained, each output the next pass's low-res input."""
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {scale}")
+    validate_latents(latents)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    x = latents.float()
+    for _ in range(int(math.log2(scale))):
+        x = upscale_step(model, x, pass_noise(generator, x))
+    return x
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    try:
+        height, width = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW in latent pixels, e.g. 32x48, got {text!r}")
+    return height, width
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m export.reference",
+        description=(
+            "Upscale a FLUX.2 latent 2x/4x/8x with the fp32 eager Flow Upscaler (the reference "
+            "every engine is checked against). Input: a .safetensors file holding one tensor, or "
+            "one named 'latents', normalised, [B, 32, h, w] (or packed [B, 128, h/2, w/2])."
+        ),
+    )
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        "--checkpoint",
+        help="local flow_upscaler.safetensors or a Hugging Face repo id "
+        "(default: TensorForger/FlowUpscaler)",
+    )
+    source.add_argument(
+        "--random-weights", action="store_true", help="seeded random weights (no download)"
+    )
+    inputs = parser.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--input", type=Path, help="input latent .safetensors file")
+    inputs.add_argument(
+        "--random-input", type=_parse_size, metavar="HxW", help="a seeded N(0,1) latent of this size"
+    )
+    parser.add_argument("--scale", type=int, choices=SCALES, default=2)
+    parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    parser.add_argument(
+        "--weights-seed", type=int, default=0, help="seed of --random-weights (default 0)"
+    )
+    parser.add_argument(
+        "--latent-format",
+        choices=("flux2", "flux2_packed"),
+        default="flux2",
+        help="flux2: [B, 32, h, w]; flux2_packed: ComfyUI's [B, 128, h/2, w/2] (output in the same form)",
+    )
+    parser.add_argument("--output", type=Path, required=True, help="output .safetensors file")
+    return parser
+
+
+def _read_input(path: Path) -> torch.Tensor:
+    from .checkpoint import read_safetensors
+
+    tensors = read_safetensors(path)
+    if "latents" in tensors:
+        return tensors["latents"]
+    if len(tensors) != 1:
+        raise InvalidLatentsError(
+            f"{path} holds {len(tensors)} tensors ({', '.join(sorted(tensors)[:5])}); "
+            "expected one tensor, or one named 'latents'"
+        )
+    return next(iter(tensors.values()))
+
+
+def _write_output(path: Path, latents: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    try:
+        save_file({"latents": latents.contiguous()}, str(partial))
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    from .checkpoint import CheckpointError, load_unet
+
+    try:
+        if args.input is not None:
+            latents = _read_input(args.input)
+        else:
+            generator = torch.Generator("cpu").manual_seed(args.seed + 1)
+            latents = torch.randn((1, LATENT_CHANNELS, *args.random_input), generator=generator)
+        if args.latent_format == "flux2_packed":
+            latents = unpack(latents)
+        validate_latents(latents)
+        model = load_unet(args.checkpoint, random_weights=args.random_weights, seed=args.weights_seed)
+        out = upscale(model, latents, scale=args.scale, seed=args.seed)
+        if args.latent_format == "flux2_packed":
+            out = pack(out)
+        _write_output(args.output, out)
+    except (CheckpointError, InvalidLatentsError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.output}: {tuple(latents.shape)} -> {tuple(out.shape)} ({args.scale}x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""Shared fixtures: small model configurations so most tests run in seconds on a CPU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from export.checkpoint import random_vae, seeded_init
+from export.models import UpscalerUNet
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+KEYS_JSON = SHARED / "data" / "flow_upscaler_keys.json"
+
+SMALL_UNET = dict(base_channels=32, time_dim=32, cond_dim=64)
+SMALL_VAE = dict(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8)
+
+
+@pytest.fixture(scope="session")
+def published_keys() -> dict:
+    if not KEYS_JSON.is_file():
+        pytest.fail(f"{KEYS_JSON} not found: ../shared must sit beside the checkout")
+    return json.loads(KEYS_JSON.read_text())
+
+
+@pytest.fixture(scope="session")
+def full_unet() -> UpscalerUNet:
+    return seeded_init(UpscalerUNet, 0).eval()
+
+
+@pytest.fixture()
+def small_unet() -> UpscalerUNet:
+    return seeded_init(lambda: UpscalerUNet(**SMALL_UNET), 0).eval()
+
+
+@pytest.fixture()
+def small_vae() -> torch.nn.Module:
+    return random_vae(seed=0, **SMALL_VAE)
