@@ -1,0 +1,1 @@
+"""Latency and memory benchmarks (not built yet)."""

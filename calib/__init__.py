@@ -1,0 +1,1 @@
+"""Calibration data, post-training quantization and the accuracy gate (not built yet)."""

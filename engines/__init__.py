@@ -1,0 +1,1 @@
+"""GPU target presets, shape profiles, TensorRT builds and the artifact manifest (not built yet)."""

@@ -1,0 +1,1 @@
+"""Embeddable runtime that chains the built engines (not built yet)."""
