@@ -120,3 +120,15 @@ def test_eval_mode_is_deterministic_and_train_mode_is_not():
         assert torch.equal(model(sample, t, small), model(sample, t, small))
         model.train()
         assert not torch.equal(model(sample, t, small), model(sample, t, small))
+
+
+def test_up_stage_upsamples_by_scale_factor_2_as_model_md_says():
+    from export.models.upscaler_unet import UpStage
+
+    torch.manual_seed(4)
+    stage = UpStage(32, cond_dim=16, num_blocks=1).eval()
+    x, skip, cond = torch.randn(1, 32, 3, 5), torch.randn(1, 32, 6, 10), torch.randn(1, 16)
+    up = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        expected = stage.blocks[0](torch.cat([up, skip], dim=1), cond)
+        assert torch.equal(stage(x, skip, cond), expected)

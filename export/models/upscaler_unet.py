@@ -57,6 +57,22 @@ class TimeConditioning(nn.Module):
         return self.time_proj(embedding)
 
 
+class BilinearResize(nn.Module):
+    """Parameter-free bilinear resize (align_corners False).
+
+    ``compute_dtype`` lets an export run the resize in another type than its neighbours:
+    TensorRT has no bf16 Resize, so bf16 graphs resize in fp32.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.compute_dtype: torch.dtype | None = None
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        y = x if self.compute_dtype is None else x.to(self.compute_dtype)
+        return F.interpolate(y, size=size, mode="bilinear", align_corners=False).to(x.dtype)
+
+
 class ResidualBlock(nn.Module):
     """GroupNorm/SiLU/conv block with a scale-shift from ``cond`` between its two convs."""
 
@@ -115,15 +131,17 @@ class UpStage(nn.Module):
 
     def __init__(self, channels: int, cond_dim: int, num_blocks: int, dropout: float = 0.0):
         super().__init__()
+        self.resize = BilinearResize()
         self.blocks = nn.ModuleList(
             ResidualBlock(2 * channels if i == 0 else channels, channels, cond_dim, dropout)
             for i in range(num_blocks)
         )
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+        # An exact x2 resize by size equals scale_factor=2 (both sample at 0.5-step offsets).
+        x = self.resize(x, (2 * x.shape[-2], 2 * x.shape[-1]))
         if x.shape[-2:] != skip.shape[-2:]:
-            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            x = self.resize(x, skip.shape[-2:])
         x = torch.cat([x, skip], dim=1)
         for block in self.blocks:
             x = block(x, cond)
@@ -188,6 +206,7 @@ class UpscalerUNet(nn.Module):
         self.conditioning = TimeConditioning(time_dim, cond_dim)
         self.in_conv = nn.Conv2d(sample_channels, c, 1)
         self.low_res_encoder = LowResEncoder(sample_channels, c, cond_dim)
+        self.resize = BilinearResize()
         self.film_cond_1 = FiLM(c)
         self.film_cond_2 = FiLM(c)
         self.film_cond_3 = FiLM(c)
@@ -218,9 +237,9 @@ class UpscalerUNet(nn.Module):
     ) -> torch.Tensor:
         """The ``unet`` component: velocity from the sample and the encoded conditioning."""
         height, width = sample.shape[-2:]
-        lr1 = F.interpolate(lr1, size=(height, width), mode="bilinear", align_corners=False)
-        lr2 = F.interpolate(lr2, size=(height // 2, width // 2), mode="bilinear", align_corners=False)
-        lr3 = F.interpolate(lr3, size=(height // 4, width // 4), mode="bilinear", align_corners=False)
+        lr1 = self.resize(lr1, (height, width))
+        lr2 = self.resize(lr2, (height // 2, width // 2))
+        lr3 = self.resize(lr3, (height // 4, width // 4))
 
         x = self.film_cond_1(self.in_conv(sample), lr1)
         x, skip_0 = self.down_stages[0](x, cond)
