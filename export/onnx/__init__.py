@@ -1,0 +1,1 @@
+"""ONNX export of the deployment components, precision variants and validation against eager."""

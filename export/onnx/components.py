@@ -1,0 +1,156 @@
+"""What each exported graph is: its module, its named inputs/outputs and their dynamic axes.
+
+These names are the contract between ONNX, engines and runtime: ``cond_encoder``'s outputs
+carry the names of ``unet``'s matching inputs, so the runtime can pass them on by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..models import ConditioningEncoder, UNetBody, VAEDecoder, VAEDecoderHead, VAEDecoderTail
+from ..models.components import COND_ENCODER_INPUTS, COND_ENCODER_OUTPUTS, UNET_INPUTS, UNET_OUTPUTS
+from ..reference import TIMESTEP
+
+DEFAULT_CUT = "f3"
+
+
+@dataclass
+class Models:
+    """The fp32 eager models a component is cut from (None where not loaded)."""
+
+    unet: nn.Module | None = None
+    vae: nn.Module | None = None
+    cut: str = DEFAULT_CUT
+
+
+@dataclass(frozen=True)
+class Component:
+    """One exported graph.
+
+    ``fp32_inputs``/``fp32_outputs`` name the tensors that are fp32 at the graph boundary in
+    every precision variant (cast to/from the compute dtype inside); ``exact_inputs`` are fp32
+    and used uncast (the timestep). All other inputs and outputs are in the compute dtype.
+    ``grid``: spatial sizes of the main input must be multiples of it. ``export_size`` and
+    ``check_sizes`` are (batch, height, width) of that input for tracing and for validation;
+    the second check size is non-square and not the traced one.
+    """
+
+    name: str
+    needs: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    dynamic_axes: dict[str, dict[int, str]]
+    fp32_inputs: frozenset[str]
+    fp32_outputs: frozenset[str]
+    grid: int
+    build: Callable[[Models], nn.Module] = field(repr=False)
+    make_inputs: Callable[[Models, int, int, int, torch.Generator], tuple[torch.Tensor, ...]] = field(
+        repr=False
+    )
+    export_size: tuple[int, int, int] = (1, 8, 12)
+    check_sizes: tuple[tuple[int, int, int], ...] = ((1, 8, 12), (2, 10, 14), (1, 12, 6))
+    output_axes: dict[str, dict[int, str]] = field(default_factory=dict)
+    exact_inputs: frozenset[str] = frozenset()
+
+    def module(self, models: Models) -> nn.Module:
+        if getattr(models, self.needs) is None:
+            raise ValueError(f"component {self.name!r} needs the {self.needs} model, which is not loaded")
+        return self.build(models).eval()
+
+
+def _spatial(prefix: str = "") -> dict[int, str]:
+    return {0: "batch", 2: f"{prefix}height", 3: f"{prefix}width"}
+
+
+def _cond_encoder_inputs(models: Models, batch: int, h: int, w: int, gen: torch.Generator):
+    latents_small = torch.randn(batch, 32, h, w, generator=gen)
+    return latents_small, torch.full((batch,), TIMESTEP)
+
+
+@torch.no_grad()
+def _unet_inputs(models: Models, batch: int, h: int, w: int, gen: torch.Generator):
+    # Real encoder outputs, not random maps: the body is checked on the distributions it gets.
+    latents_small = torch.randn(batch, 32, h // 2, w // 2, generator=gen)
+    encoded = ConditioningEncoder(models.unet)(latents_small, torch.full((batch,), TIMESTEP))
+    return (torch.randn(batch, 32, h, w, generator=gen), *encoded)
+
+
+def _decoder_inputs(models: Models, batch: int, h: int, w: int, gen: torch.Generator):
+    return (torch.randn(batch, 32, h, w, generator=gen),)
+
+
+@torch.no_grad()
+def _tail_inputs(models: Models, batch: int, h: int, w: int, gen: torch.Generator):
+    head = VAEDecoderHead(VAEDecoder(models.vae), models.cut)
+    return (head(torch.randn(batch, 32, h, w, generator=gen)),)
+
+
+COMPONENTS: dict[str, Component] = {
+    c.name: c
+    for c in (
+        Component(
+            name="cond_encoder",
+            needs="unet",
+            inputs=COND_ENCODER_INPUTS,
+            outputs=COND_ENCODER_OUTPUTS,
+            dynamic_axes={"latents_small": _spatial(), "timestep": {0: "batch"}},
+            output_axes={"cond": {0: "batch"}, "lr1": _spatial()},
+            fp32_inputs=frozenset({"latents_small"}),
+            exact_inputs=frozenset({"timestep"}),
+            fp32_outputs=frozenset(),
+            grid=2,
+            build=lambda m: ConditioningEncoder(m.unet),
+            make_inputs=_cond_encoder_inputs,
+        ),
+        Component(
+            name="unet",
+            needs="unet",
+            inputs=UNET_INPUTS,
+            outputs=UNET_OUTPUTS,
+            dynamic_axes={
+                "sample": _spatial(),
+                "cond": {0: "batch"},
+                "lr1": _spatial("lr1_"),
+                "lr2": _spatial("lr2_"),
+                "lr3": _spatial("lr3_"),
+            },
+            output_axes={"velocity": _spatial()},
+            fp32_inputs=frozenset({"sample"}),
+            fp32_outputs=frozenset(UNET_OUTPUTS),
+            grid=4,
+            export_size=(1, 16, 24),
+            check_sizes=((1, 16, 24), (2, 20, 28), (1, 24, 12)),
+            build=lambda m: UNetBody(m.unet),
+            make_inputs=_unet_inputs,
+        ),
+        Component(
+            name="vae_decoder",
+            needs="vae",
+            inputs=("latents",),
+            outputs=("image",),
+            dynamic_axes={"latents": _spatial()},
+            fp32_inputs=frozenset({"latents"}),
+            fp32_outputs=frozenset({"image"}),
+            grid=2,
+            build=lambda m: VAEDecoder(m.vae),
+            make_inputs=_decoder_inputs,
+        ),
+        Component(
+            name="vae_decoder_tail",
+            needs="vae",
+            inputs=("features",),
+            outputs=("image",),
+            dynamic_axes={"features": _spatial()},
+            fp32_inputs=frozenset(),
+            fp32_outputs=frozenset({"image"}),
+            grid=2,
+            build=lambda m: VAEDecoderTail(VAEDecoder(m.vae), m.cut),
+            make_inputs=_tail_inputs,
+        ),
+    )
+}
