@@ -6,6 +6,7 @@ checkpoints are refused because unpickling runs arbitrary code.
 
 from __future__ import annotations
 
+import argparse
 import re
 from pathlib import Path
 
@@ -26,6 +27,25 @@ _VAE_HINT = "pass a local diffusers folder with --vae PATH, or use --random-weig
 
 class CheckpointError(RuntimeError):
     """Weights could not be found, read or matched to the model."""
+
+
+def add_weight_arguments(parser: argparse.ArgumentParser, with_vae: bool = False) -> None:
+    """``--checkpoint`` / ``--random-weights`` (and ``--vae``), shared by every command."""
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        "--checkpoint",
+        help=f"Flow Upscaler .safetensors file or Hugging Face repo id (default: {DEFAULT_UNET_REPO})",
+    )
+    source.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="seeded random weights" + (" for the U-Net and the VAE" if with_vae else "") + " (no download)",
+    )
+    if with_vae:
+        parser.add_argument(
+            "--vae",
+            help=f"FLUX.2 VAE: local diffusers folder or Hub repo id (default: {DEFAULT_VAE_REPO})",
+        )
 
 
 def _looks_like_repo_id(source: str) -> bool:

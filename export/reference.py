@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import CheckpointError, add_weight_arguments, load_unet, read_safetensors
 from .latents import LATENT_CHANNELS, InvalidLatentsError, pack, unpack
 from .models.upscaler_unet import UpscalerUNet
 
@@ -119,15 +120,7 @@ def _build_parser() -> argparse.ArgumentParser:
             "one named 'latents', normalised, [B, 32, h, w] (or packed [B, 128, h/2, w/2])."
         ),
     )
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument(
-        "--checkpoint",
-        help="local flow_upscaler.safetensors or a Hugging Face repo id "
-        "(default: TensorForger/FlowUpscaler)",
-    )
-    source.add_argument(
-        "--random-weights", action="store_true", help="seeded random weights (no download)"
-    )
+    add_weight_arguments(parser)
     inputs = parser.add_mutually_exclusive_group(required=True)
     inputs.add_argument("--input", type=Path, help="input latent .safetensors file")
     inputs.add_argument(
@@ -149,8 +142,6 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _read_input(path: Path) -> torch.Tensor:
-    from .checkpoint import read_safetensors
-
     tensors = read_safetensors(path)
     if "latents" in tensors:
         return tensors["latents"]
@@ -176,8 +167,6 @@ def _write_output(path: Path, latents: torch.Tensor) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
-    from .checkpoint import CheckpointError, load_unet
-
     try:
         if args.input is not None:
             latents = _read_input(args.input)

@@ -9,7 +9,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from ..checkpoint import CheckpointError, load_unet, load_vae
+from ..checkpoint import CheckpointError, add_weight_arguments, load_unet, load_vae
 from ..models import DECODER_CUTS
 from .components import COMPONENTS, DEFAULT_CUT, Models
 from .exporter import OPSET, export_component, graph_filename
@@ -39,20 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--dtype", nargs="+", default=["fp32"], choices=sorted(DTYPES))
     parser.add_argument("--out", type=Path, required=True, help="output folder")
-    weights = parser.add_mutually_exclusive_group()
-    weights.add_argument(
-        "--checkpoint",
-        help="Flow Upscaler .safetensors file or Hugging Face repo id (default: TensorForger/FlowUpscaler)",
-    )
-    weights.add_argument(
-        "--random-weights",
-        action="store_true",
-        help="seeded random weights for the U-Net and the VAE (no download)",
-    )
-    parser.add_argument(
-        "--vae",
-        help="FLUX.2 VAE: local diffusers folder or Hub repo id (default: black-forest-labs/FLUX.2-dev)",
-    )
+    add_weight_arguments(parser, with_vae=True)
     parser.add_argument("--cut", default=DEFAULT_CUT, choices=sorted(DECODER_CUTS), help="decoder cut for vae_decoder_tail")
     parser.add_argument("--seed", type=int, default=0, help="seed of --random-weights")
     return parser
