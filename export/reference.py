@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError, add_weight_arguments, load_unet, read_safetensors
+from .files import atomic_output
 from .latents import LATENT_CHANNELS, InvalidLatentsError, pack, unpack
 from .models.upscaler_unet import UpscalerUNet
 
@@ -156,13 +157,8 @@ def _read_input(path: Path) -> torch.Tensor:
 def _write_output(path: Path, latents: torch.Tensor) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    try:
+    with atomic_output(path) as partial:
         save_file({"latents": latents.contiguous()}, str(partial))
-        partial.replace(path)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:

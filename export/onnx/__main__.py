@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from ..checkpoint import CheckpointError, add_weight_arguments, load_unet, load_vae
+from ..files import atomic_output
 from ..models import DECODER_CUTS
 from .components import COMPONENTS, DEFAULT_CUT, Models
 from .exporter import OPSET, export_component, graph_filename
@@ -75,9 +76,8 @@ def export_and_validate(models: Models, component: str, dtype: str, out: Path) -
     else:
         os.replace(result.path, out / name)
     report_path = out / name.replace(".onnx", ".validation.json")
-    partial = report_path.with_name(report_path.name + ".partial")
-    partial.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(partial, report_path)
+    with atomic_output(report_path) as partial:
+        partial.write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 

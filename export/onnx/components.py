@@ -35,8 +35,8 @@ class Component:
     ``fp32_inputs``/``fp32_outputs`` name the tensors that are fp32 at the graph boundary in
     every precision variant (cast to/from the compute dtype inside); ``exact_inputs`` are fp32
     and used uncast (the timestep). All other inputs and outputs are in the compute dtype.
-    ``grid``: spatial sizes of the main input must be multiples of it. ``export_size`` and
-    ``check_sizes`` are (batch, height, width) of that input for tracing and for validation;
+    ``export_size`` and ``check_sizes`` are (batch, height, width) of the main input for
+    tracing and for validation;
     the second check size is non-square and not the traced one.
     """
 
@@ -47,7 +47,6 @@ class Component:
     dynamic_axes: dict[str, dict[int, str]]
     fp32_inputs: frozenset[str]
     fp32_outputs: frozenset[str]
-    grid: int
     build: Callable[[Models], nn.Module] = field(repr=False)
     make_inputs: Callable[[Models, int, int, int, torch.Generator], tuple[torch.Tensor, ...]] = field(
         repr=False
@@ -103,7 +102,6 @@ COMPONENTS: dict[str, Component] = {
             fp32_inputs=frozenset({"latents_small"}),
             exact_inputs=frozenset({"timestep"}),
             fp32_outputs=frozenset(),
-            grid=2,
             build=lambda m: ConditioningEncoder(m.unet),
             make_inputs=_cond_encoder_inputs,
         ),
@@ -122,7 +120,6 @@ COMPONENTS: dict[str, Component] = {
             output_axes={"velocity": _spatial()},
             fp32_inputs=frozenset({"sample"}),
             fp32_outputs=frozenset(UNET_OUTPUTS),
-            grid=4,
             export_size=(1, 16, 24),
             check_sizes=((1, 16, 24), (2, 20, 28), (1, 24, 12)),
             build=lambda m: UNetBody(m.unet),
@@ -136,7 +133,6 @@ COMPONENTS: dict[str, Component] = {
             dynamic_axes={"latents": _spatial()},
             fp32_inputs=frozenset({"latents"}),
             fp32_outputs=frozenset({"image"}),
-            grid=2,
             build=lambda m: VAEDecoder(m.vae),
             make_inputs=_decoder_inputs,
         ),
@@ -148,7 +144,6 @@ COMPONENTS: dict[str, Component] = {
             dynamic_axes={"features": _spatial()},
             fp32_inputs=frozenset(),
             fp32_outputs=frozenset({"image"}),
-            grid=2,
             build=lambda m: VAEDecoderTail(VAEDecoder(m.vae), m.cut),
             make_inputs=_tail_inputs,
         ),

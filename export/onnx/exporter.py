@@ -13,7 +13,6 @@ shape inference.
 from __future__ import annotations
 
 import logging
-import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from pathlib import Path
 import onnx
 import torch
 
+from ..files import atomic_output
 from .components import Component, Models
 from .precision import DEFAULT_POLICY, Policy, TypedGraph, apply_policy
 
@@ -124,13 +124,8 @@ def export_component(
     _name_output_axes(cleaned, component)
     cleaned_at = time.perf_counter()
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    try:
+    with atomic_output(path) as partial:
         onnx.save(cleaned, str(partial))
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
     return ExportResult(
         component=component.name,
         dtype=dtype,

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .components import Component, Models
-from .exporter import example_inputs, typed_module
+from .exporter import example_inputs, input_dtypes, typed_module
 from .precision import DEFAULT_POLICY
 
 
@@ -70,12 +70,12 @@ def _compare(component: Component, models: Models, dtype: str, sizes, run) -> tu
     policy, fp32 = DEFAULT_POLICY[dtype], DEFAULT_POLICY["fp32"]
     checks, passed = [], True
     for index, size in enumerate(sizes or component.check_sizes):
-        seed = 100 + index
-        inputs = example_inputs(component, models, fp32, size, seed=seed)
+        inputs = example_inputs(component, models, fp32, size, seed=100 + index)
         with torch.no_grad():
             expected = reference(*inputs)
         expected = (expected,) if isinstance(expected, torch.Tensor) else expected
-        got = run(list(component.outputs), example_inputs(component, models, policy, size, seed=seed))
+        typed = tuple(x.to(d) for x, d in zip(inputs, input_dtypes(component, policy)))
+        got = run(list(component.outputs), typed)
         outputs = {}
         for name, value, ref in zip(component.outputs, got, expected):
             errors = output_errors(np.asarray(value, dtype=np.float32), ref.float().numpy())
