@@ -7,6 +7,7 @@ checkpoints are refused because unpickling runs arbitrary code.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import re
 from pathlib import Path
 
@@ -225,3 +226,14 @@ def load_vae(
             f"could not load the FLUX.2 VAE from {source!r} ({str(exc).splitlines()[0]}); {_VAE_HINT}"
         ) from exc
     return vae.float().eval()
+
+
+def weights_digest(module: nn.Module) -> str:
+    """sha256 over every state-dict entry's name, dtype, shape and bytes: identifies the weights
+    a graph was exported from, whatever file or seed they came from."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError, add_weight_arguments, load_unet, read_safetensors
-from .files import atomic_output
+from engines.files import atomic_output
 from .latents import LATENT_CHANNELS, InvalidLatentsError, pack, unpack
 from .models.upscaler_unet import UpscalerUNet
 

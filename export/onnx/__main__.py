@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from ..checkpoint import CheckpointError, add_weight_arguments, load_unet, load_vae
-from ..files import atomic_output
+from engines.files import atomic_output
 from ..models import DECODER_CUTS
 from .components import COMPONENTS, DEFAULT_CUT, Models
 from .exporter import OPSET, export_component, graph_filename

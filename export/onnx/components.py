@@ -38,6 +38,8 @@ class Component:
     ``export_size`` and ``check_sizes`` are (batch, height, width) of the main input for
     tracing and for validation;
     the second check size is non-square and not the traced one.
+    ``input_shapes(models, batch, height, width)`` gives every input's shape for a size of the
+    main input, which must be a multiple of ``grid``; engine profiles are derived from it.
     """
 
     name: str
@@ -55,6 +57,10 @@ class Component:
     check_sizes: tuple[tuple[int, int, int], ...] = ((1, 8, 12), (2, 10, 14), (1, 12, 6))
     output_axes: dict[str, dict[int, str]] = field(default_factory=dict)
     exact_inputs: frozenset[str] = frozenset()
+    input_shapes: Callable[[Models, int, int, int], dict[str, tuple[int, ...]]] | None = field(
+        default=None, repr=False
+    )
+    grid: int = 2
 
     def module(self, models: Models) -> nn.Module:
         if getattr(models, self.needs) is None:
@@ -64,6 +70,31 @@ class Component:
 
 def _spatial(prefix: str = "") -> dict[int, str]:
     return {0: "batch", 2: f"{prefix}height", 3: f"{prefix}width"}
+
+
+def _half(size: int) -> int:
+    return -(-size // 2)
+
+
+def _cond_encoder_shapes(models: Models, batch: int, h: int, w: int) -> dict[str, tuple[int, ...]]:
+    return {"latents_small": (batch, models.unet.config["sample_channels"], h, w), "timestep": (batch,)}
+
+
+def _unet_shapes(models: Models, batch: int, h: int, w: int) -> dict[str, tuple[int, ...]]:
+    config = models.unet.config
+    width = config["base_channels"]
+    lr_h, lr_w = h // 2, w // 2
+    return {
+        "sample": (batch, config["sample_channels"], h, w),
+        "cond": (batch, config["cond_dim"]),
+        "lr1": (batch, width, lr_h, lr_w),
+        "lr2": (batch, width, _half(lr_h), _half(lr_w)),
+        "lr3": (batch, width, _half(_half(lr_h)), _half(_half(lr_w))),
+    }
+
+
+def _decoder_shapes(models: Models, batch: int, h: int, w: int) -> dict[str, tuple[int, ...]]:
+    return {"latents": (batch, models.vae.config.latent_channels, h, w)}
 
 
 def _cond_encoder_inputs(models: Models, batch: int, h: int, w: int, gen: torch.Generator):
@@ -104,6 +135,7 @@ COMPONENTS: dict[str, Component] = {
             fp32_outputs=frozenset(),
             build=lambda m: ConditioningEncoder(m.unet),
             make_inputs=_cond_encoder_inputs,
+            input_shapes=_cond_encoder_shapes,
         ),
         Component(
             name="unet",
@@ -124,6 +156,8 @@ COMPONENTS: dict[str, Component] = {
             check_sizes=((1, 16, 24), (2, 20, 28), (1, 24, 12)),
             build=lambda m: UNetBody(m.unet),
             make_inputs=_unet_inputs,
+            input_shapes=_unet_shapes,
+            grid=4,
         ),
         Component(
             name="vae_decoder",
@@ -135,6 +169,7 @@ COMPONENTS: dict[str, Component] = {
             fp32_outputs=frozenset({"image"}),
             build=lambda m: VAEDecoder(m.vae),
             make_inputs=_decoder_inputs,
+            input_shapes=_decoder_shapes,
         ),
         Component(
             name="vae_decoder_tail",

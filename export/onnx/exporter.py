@@ -21,7 +21,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from ..files import atomic_output
+from engines.files import atomic_output
 from .components import Component, Models
 from .precision import DEFAULT_POLICY, Policy, TypedGraph, apply_policy
 

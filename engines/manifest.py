@@ -1,0 +1,252 @@
+"""``manifest.json``: what an artifact folder holds, what it was built from and for which GPU.
+
+The runtime trusts an artifact folder only through this file: every file it names is checked
+against its sha256, and engines against the TensorRT version and compute capability they were
+built with, so a stale or foreign engine is refused with a message instead of failing inside
+TensorRT.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .files import atomic_output
+from .profiles import Profile
+
+SCHEMA = "flow-upscaler-artifacts"
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+class ManifestError(RuntimeError):
+    """An artifact folder that cannot be used as it is; the message says how to rebuild."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while block := stream.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def content_key(*parts: object) -> str:
+    """A short hash of JSON-serialisable parts: the cache key of a derived artifact."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class EngineRecord:
+    """A built engine, or the reason it was not built (``file`` is None then)."""
+
+    file: str | None = None
+    sha256: str | None = None
+    key: str | None = None
+    tensorrt_version: str | None = None
+    gpu: str | None = None
+    compute_capability: str | None = None
+    reason: str | None = None
+    facts: dict = field(default_factory=dict)
+
+    @property
+    def built(self) -> bool:
+        return self.file is not None
+
+    def to_dict(self) -> dict:
+        if not self.built:
+            return {"built": False, "reason": self.reason}
+        return {
+            "built": True,
+            "file": self.file,
+            "sha256": self.sha256,
+            "key": self.key,
+            "tensorrt_version": self.tensorrt_version,
+            "gpu": self.gpu,
+            "compute_capability": self.compute_capability,
+            **self.facts,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> EngineRecord:
+        if not data.get("built"):
+            return cls(reason=data.get("reason"))
+        known = {"built", "file", "sha256", "key", "tensorrt_version", "gpu", "compute_capability"}
+        return cls(
+            file=data["file"],
+            sha256=data["sha256"],
+            key=data.get("key"),
+            tensorrt_version=data["tensorrt_version"],
+            gpu=data.get("gpu"),
+            compute_capability=data["compute_capability"],
+            facts={k: v for k, v in data.items() if k not in known},
+        )
+
+
+@dataclass
+class ComponentRecord:
+    name: str
+    precision: str
+    onnx_file: str
+    onnx_sha256: str
+    onnx_key: str
+    inputs: list[str]
+    outputs: list[str]
+    profiles: list[Profile]
+    engine: EngineRecord
+    validation: dict = field(default_factory=dict)
+    memory_estimate_bytes: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "precision": self.precision,
+            "onnx": {"file": self.onnx_file, "sha256": self.onnx_sha256, "key": self.onnx_key},
+            "inputs": self.inputs,
+            "outputs": self.outputs,
+            "profiles": [p.to_dict() for p in self.profiles],
+            "memory_estimate_bytes": self.memory_estimate_bytes,
+            "engine": self.engine.to_dict(),
+            "validation": self.validation,
+        }
+
+    @classmethod
+    def from_dict(cls, name: str, data: dict) -> ComponentRecord:
+        return cls(
+            name=name,
+            precision=data["precision"],
+            onnx_file=data["onnx"]["file"],
+            onnx_sha256=data["onnx"]["sha256"],
+            onnx_key=data["onnx"]["key"],
+            inputs=list(data["inputs"]),
+            outputs=list(data["outputs"]),
+            profiles=[Profile.from_dict(p) for p in data["profiles"]],
+            engine=EngineRecord.from_dict(data["engine"]),
+            validation=data.get("validation", {}),
+            memory_estimate_bytes=list(data.get("memory_estimate_bytes", [])),
+        )
+
+
+@dataclass
+class Manifest:
+    target: dict
+    weights: dict
+    build_options: dict
+    toolkit: dict
+    rebuild_command: str
+    components: dict[str, ComponentRecord]
+    created: str = ""
+
+    def to_dict(self) -> dict:
+        return {
+            "schema": SCHEMA,
+            "schema_version": SCHEMA_VERSION,
+            "created": self.created,
+            "rebuild_command": self.rebuild_command,
+            "target": self.target,
+            "weights": self.weights,
+            "toolkit": self.toolkit,
+            "build_options": self.build_options,
+            "components": {name: c.to_dict() for name, c in self.components.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Manifest:
+        return cls(
+            target=data["target"],
+            weights=data["weights"],
+            build_options=data["build_options"],
+            toolkit=data["toolkit"],
+            rebuild_command=data["rebuild_command"],
+            components={n: ComponentRecord.from_dict(n, c) for n, c in data["components"].items()},
+            created=data.get("created", ""),
+        )
+
+    def write(self, folder: Path) -> Path:
+        path = folder / MANIFEST_NAME
+        with atomic_output(path) as partial:
+            partial.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+
+def read_manifest(folder: Path) -> Manifest:
+    """Parse ``folder/manifest.json`` without checking the files it names."""
+    path = Path(folder) / MANIFEST_NAME
+    if not path.is_file():
+        raise ManifestError(f"{folder} has no {MANIFEST_NAME}; build it with `python -m export.build --target <gpu> --out {folder}`")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"{path} is not readable JSON ({exc}); rebuild the folder with `python -m export.build`") from exc
+    if data.get("schema") != SCHEMA or data.get("schema_version") != SCHEMA_VERSION:
+        raise ManifestError(
+            f"{path} is schema {data.get('schema')!r} version {data.get('schema_version')!r}, this toolkit reads "
+            f"{SCHEMA!r} version {SCHEMA_VERSION}; rebuild with: {data.get('rebuild_command', 'python -m export.build')}"
+        )
+    try:
+        return Manifest.from_dict(data)
+    except (KeyError, TypeError) as exc:
+        raise ManifestError(f"{path} is missing the field {exc}; rebuild with: {data.get('rebuild_command')}") from exc
+
+
+def _check_file(folder: Path, relative: str, expected: str, what: str, rebuild: str) -> None:
+    path = folder / relative
+    if not path.is_file():
+        raise ManifestError(f"{what} {relative} named in the manifest is missing from {folder}; rebuild with: {rebuild}")
+    actual = sha256_file(path)
+    if actual != expected:
+        raise ManifestError(
+            f"{what} {relative} does not match the manifest (sha256 {actual[:12]}..., expected {expected[:12]}...): "
+            f"it was changed or replaced after the build; rebuild with: {rebuild}"
+        )
+
+
+def load_manifest(
+    folder: str | Path,
+    *,
+    components: list[str] | None = None,
+    engines: bool = False,
+    tensorrt_version: str | None = None,
+    compute_capability: tuple[int, int] | None = None,
+) -> Manifest:
+    """Read and verify an artifact folder for use.
+
+    Always checks the ONNX files' hashes. With ``engines=True`` every requested component must
+    have a built engine whose file hash, TensorRT version and compute capability match the given
+    ones (the running TensorRT and GPU).
+    """
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    rebuild = manifest.rebuild_command
+    names = components if components is not None else list(manifest.components)
+    for name in names:
+        record = manifest.components.get(name)
+        if record is None:
+            raise ManifestError(
+                f"{folder} has no {name} component (it has {', '.join(manifest.components) or 'none'}); "
+                f"rebuild with: {rebuild} --components {' '.join(sorted({*manifest.components, name}))}"
+            )
+        _check_file(folder, record.onnx_file, record.onnx_sha256, "ONNX graph", rebuild)
+        if not engines:
+            continue
+        engine = record.engine
+        if not engine.built:
+            raise ManifestError(f"the {name} engine was not built ({engine.reason}); on the target GPU run: {rebuild}")
+        differences = []
+        if tensorrt_version is not None and engine.tensorrt_version != tensorrt_version:
+            differences.append(f"TensorRT {engine.tensorrt_version} at build, {tensorrt_version} here")
+        if compute_capability is not None:
+            here = "%d.%d" % compute_capability
+            if engine.compute_capability != here:
+                differences.append(
+                    f"compute capability {engine.compute_capability} ({engine.gpu}) at build, {here} here"
+                )
+        if differences:
+            raise ManifestError(
+                f"the {name} engine in {folder} was built for another setup: {'; '.join(differences)}. "
+                f"Rebuild on this machine with: {rebuild}"
+            )
+        _check_file(folder, engine.file, engine.sha256, "engine", rebuild)
+    return manifest

@@ -1,0 +1,196 @@
+"""TensorRT engine build through Polygraphy: strongly typed, profiled, with a timing cache.
+
+The only module that imports TensorRT, and only when a build is asked for. Precision lives in
+the ONNX graph (fp16/bf16 weights and casts), so no precision builder flags are ever set:
+TensorRT 10 gets the STRONGLY_TYPED network flag, TensorRT 11 is always strongly typed.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .files import atomic_output
+
+from .profiles import Profile
+
+# Phrases of TensorRT build errors that mean the build ran out of memory (the tactic search
+# reports "could not find any implementation" when every tactic failed to allocate).
+_OUT_OF_MEMORY_PHRASES = (
+    "could not find any implementation",
+    "insufficient memory",
+    "out of memory",
+    "outofmemory",
+    "cudaerrormemoryallocation",
+    "requested amount of gpu memory",
+)
+
+
+class EngineBuildError(RuntimeError):
+    """A TensorRT build that failed, with TensorRT's own error lines attached."""
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    optimization_level: int = 3
+    workspace_bytes: int | None = None
+
+    def to_dict(self) -> dict:
+        return {"optimization_level": self.optimization_level, "workspace_bytes": self.workspace_bytes}
+
+
+@dataclass(frozen=True)
+class LocalGPU:
+    name: str
+    compute_capability: tuple[int, int]
+
+
+def tensorrt_version() -> str | None:
+    try:
+        import tensorrt
+    except ImportError:
+        return None
+    return getattr(tensorrt, "__version__", None)
+
+
+def local_gpu() -> LocalGPU | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    return LocalGPU(props.name, (props.major, props.minor))
+
+
+def build_blocker(target_capability: tuple[int, int], trt_version: str | None, gpu: LocalGPU | None) -> str | None:
+    """Why engines for ``target_capability`` cannot be built here (None if they can).
+
+    Engines run only on the compute capability they were built on, so a build on another GPU
+    would produce engines the target cannot load.
+    """
+    if trt_version is None:
+        return "TensorRT is not installed (pip install -e '.[trt]' on the target machine)"
+    if gpu is None:
+        return "no CUDA GPU on this machine"
+    if gpu.compute_capability != target_capability:
+        have = "%d.%d" % gpu.compute_capability
+        want = "%d.%d" % target_capability
+        return f"this machine's GPU ({gpu.name}, compute capability {have}) is not the target's ({want})"
+    return None
+
+
+def _network_loader(trt, onnx_path: Path):
+    from polygraphy.backend.trt import NetworkFromOnnxPath
+
+    major = int(trt.__version__.split(".")[0])
+    has_flag = hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
+    return NetworkFromOnnxPath(str(onnx_path), strongly_typed=True if major < 11 and has_flag else None)
+
+
+def _progress_monitor(trt, report: Callable[[str], None]):
+    class Progress(trt.IProgressMonitor):
+        """Prints TensorRT's top-level build phases with the time since the build began."""
+
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)
+            self._start = time.perf_counter()
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            if parent_phase is None:
+                report(f"[{time.perf_counter() - self._start:6.1f} s] {phase_name} ({num_steps} steps)")
+
+        def step_complete(self, phase_name, step):
+            return True
+
+        def phase_finish(self, phase_name):
+            pass
+
+    return Progress()
+
+
+def _polygraphy_profile(profile: Profile):
+    from polygraphy.backend.trt import Profile as PolygraphyProfile
+
+    converted = PolygraphyProfile()
+    for name in profile.min:
+        converted.add(name, min=profile.min[name], opt=profile.opt[name], max=profile.max[name])
+    return converted
+
+
+def _explain_failure(exc: Exception, errors: str, component: str) -> EngineBuildError:
+    lowered = errors.lower()
+    detail = "\n".join(line for line in errors.splitlines() if "[E]" in line or "error" in line.lower())[-2000:]
+    if any(phrase in lowered for phrase in _OUT_OF_MEMORY_PHRASES):
+        return EngineBuildError(
+            f"TensorRT ran out of GPU memory building {component}. Build with a smaller profile "
+            "(--max-px, --max-batch) or a lower workspace limit (--workspace-gib), or free the GPU "
+            f"of other processes.\nTensorRT said:\n{detail}"
+        )
+    return EngineBuildError(f"TensorRT could not build {component}: {exc}\n{detail}")
+
+
+def build_engine(
+    component: str,
+    onnx_path: Path,
+    profiles: list[Profile],
+    options: BuildOptions,
+    engine_path: Path,
+    timing_cache_path: Path,
+    report: Callable[[str], None] = print,
+) -> dict:
+    """Build one engine; write it and the updated timing cache atomically. Returns build facts."""
+    import tensorrt as trt
+    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork
+    from polygraphy.logger import G_LOGGER
+
+    network_loader = _network_loader(trt, onnx_path)
+    limits = {trt.MemoryPoolType.WORKSPACE: options.workspace_bytes} if options.workspace_bytes else None
+    create_config = CreateConfig(
+        profiles=[_polygraphy_profile(p) for p in profiles],
+        builder_optimization_level=options.optimization_level,
+        memory_pool_limits=limits,
+        load_timing_cache=str(timing_cache_path) if timing_cache_path.exists() else None,
+        progress_monitor=_progress_monitor(trt, report),
+    )
+    with tempfile.TemporaryDirectory() as scratch:
+        log_path = Path(scratch) / "tensorrt.log"
+        G_LOGGER.log_file = str(log_path)
+        start = time.perf_counter()
+        try:
+            builder, network, parser = network_loader()
+            with builder, network, parser:
+                config = create_config(builder, network)
+                with config:
+                    engine_bytes = EngineBytesFromNetwork((builder, network, parser), config)()
+                    cache = config.get_timing_cache()
+                    cache_bytes = bytes(cache.serialize()) if cache is not None else None
+        except Exception as exc:
+            G_LOGGER.log_file = None
+            raise _explain_failure(exc, log_path.read_text(errors="replace") if log_path.exists() else "", component) from exc
+        finally:
+            G_LOGGER.log_file = None
+    seconds = time.perf_counter() - start
+
+    with atomic_output(engine_path) as partial:
+        partial.write_bytes(bytes(engine_bytes))
+    if cache_bytes:
+        with atomic_output(timing_cache_path) as partial:
+            partial.write_bytes(cache_bytes)
+    return {"build_seconds": round(seconds, 1), **_engine_memory(trt, engine_bytes, len(profiles))}
+
+
+def _engine_memory(trt, engine_bytes, num_profiles: int) -> dict:
+    """Scratch memory TensorRT says each profile needs at its maximum shapes."""
+    from polygraphy.backend.trt import EngineFromBytes
+
+    with EngineFromBytes(engine_bytes)() as engine:
+        if not hasattr(engine, "get_device_memory_size_for_profile_v2"):
+            return {}
+        return {
+            "device_memory_bytes_per_profile": [
+                int(engine.get_device_memory_size_for_profile_v2(i)) for i in range(num_profiles)
+            ]
+        }

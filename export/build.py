@@ -1,0 +1,474 @@
+"""``python -m export.build``: ONNX export, validation, TensorRT engines and a manifest, for one GPU.
+
+Stages per component: export + validate the ONNX graph (reused when the weights, the toolkit's
+source and the export settings are unchanged), derive the optimisation profiles from the target's
+resolution range and memory budget, and build the engine where TensorRT and the target GPU are
+present (reused when the graph, profiles, TensorRT version and GPU are unchanged). Without them
+the command still finishes the ONNX stages and writes a manifest with the engines marked as not
+built, so the folder can be copied to the target machine and completed there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import onnx
+import torch
+
+from engines.files import atomic_output
+from engines.manifest import (
+    ComponentRecord,
+    EngineRecord,
+    Manifest,
+    ManifestError,
+    content_key,
+    read_manifest,
+    sha256_file,
+)
+from engines.memory import GraphMemoryModel
+from engines.profiles import MAX_BATCH, Profile, ProfileError, pass_profiles, tile_profile
+from engines.targets import PRESETS, TARGET_CHOICES, Target, TargetError, get_target
+from engines.tensorrt_build import (
+    BuildOptions,
+    EngineBuildError,
+    build_blocker,
+    build_engine,
+    local_gpu,
+    tensorrt_version,
+)
+
+from .checkpoint import CheckpointError, add_weight_arguments, load_unet, load_vae, weights_digest
+from .onnx.__main__ import export_and_validate
+from .onnx.components import COMPONENTS, Models
+from .onnx.exporter import OPSET, graph_filename
+
+BUILD_COMPONENTS = ("cond_encoder", "unet", "vae_decoder")
+ONNX_DIR = "onnx"
+ENGINE_DIR = "engines"
+REPORT_NAME = "report.json"
+PIXELS_PER_LATENT = 8
+
+
+class BuildError(RuntimeError):
+    """A stage failed; the message says which and what to do."""
+
+
+@dataclass
+class BuildSettings:
+    target: Target
+    precision: str
+    vae_precision: str
+    components: tuple[str, ...] = BUILD_COMPONENTS
+    max_batch: int = MAX_BATCH
+    options: BuildOptions = field(default_factory=BuildOptions)
+    require_engines: bool = False
+    rebuild_command: str = "python -m export.build"
+    weights: dict = field(default_factory=dict)
+
+    def precision_of(self, component: str) -> str:
+        return self.vae_precision if component == "vae_decoder" else self.precision
+
+
+def _source_digest() -> str:
+    """Hash of the toolkit's export and engine code: a code change invalidates cached graphs."""
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for path in sorted([*root.joinpath("export").rglob("*.py"), *root.joinpath("engines").rglob("*.py")]):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _toolkit_facts() -> dict:
+    return {
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "opset": OPSET,
+        "source_sha256": _source_digest(),
+    }
+
+
+def _latent_ranges(target: Target) -> dict[str, tuple[int, int, int]]:
+    """(smallest side, largest side, grid) of each component's main input, in latent pixels.
+
+    The first pass takes ``min_input_px`` images; the last one outputs ``max_output_px``.
+    """
+    lo_small = target.min_input_px // PIXELS_PER_LATENT
+    hi_sample = target.max_output_px // PIXELS_PER_LATENT
+    return {
+        "cond_encoder": (lo_small, hi_sample // 2, COMPONENTS["cond_encoder"].grid),
+        "unet": (2 * lo_small, hi_sample, COMPONENTS["unet"].grid),
+        "vae_decoder": (lo_small, hi_sample, COMPONENTS["vae_decoder"].grid),
+    }
+
+
+def check_range(target: Target) -> None:
+    for name, (lo, hi, grid) in _latent_ranges(target).items():
+        if lo < grid or lo % grid or hi % grid or hi < lo:
+            raise ProfileError(
+                f"resolution range {target.min_input_px}..{target.max_output_px} px does not fit {name}'s "
+                f"grid: the smallest input must be a multiple of {PIXELS_PER_LATENT * 2 * grid} px, the "
+                f"largest output a multiple of {PIXELS_PER_LATENT * 2 * grid} px and at least twice the input"
+            )
+
+
+def derive_profiles(
+    component: str, models: Models, memory: GraphMemoryModel, settings: BuildSettings
+) -> tuple[list[Profile], list[int]]:
+    """The component's profiles, and the memory estimate at each profile's maximum."""
+    spec = COMPONENTS[component]
+    lo, hi, grid = _latent_ranges(settings.target)[component]
+
+    def rule(batch: int, h: int, w: int):
+        return spec.input_shapes(models, batch, h, w)
+
+    def estimate(shapes) -> int:
+        return memory.estimate(dict(shapes)).total
+
+    budget = settings.target.memory_budget_bytes
+    if component == "vae_decoder":
+        profiles = [tile_profile(rule, lo, grid, budget, estimate, max_batch=settings.max_batch, prefix=component + ":")]
+    else:
+        profiles = pass_profiles(rule, lo, hi, grid, budget, estimate, settings.max_batch, prefix=component + ":")
+    return profiles, [estimate(p.max) for p in profiles]
+
+
+def _public_config(model) -> dict:
+    # diffusers adds private entries (e.g. ``_use_default_values``, built from a set) whose
+    # order changes between processes; they say nothing about the model.
+    config = dict(getattr(model, "config", {}) or {})
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def _previous_records(out: Path) -> dict[str, ComponentRecord]:
+    try:
+        return read_manifest(out).components
+    except ManifestError:
+        return {}
+
+
+def _reusable(out: Path, relative: str | None, sha256: str | None) -> bool:
+    return relative is not None and (out / relative).is_file() and sha256_file(out / relative) == sha256
+
+
+class _Builder:
+    """Runs the stages for one artifact folder and keeps the report."""
+
+    def __init__(self, models: Models, settings: BuildSettings, out: Path, log):
+        self.models, self.settings, self.out, self.log = models, settings, out, log
+        self.previous = _previous_records(out)
+        self.toolkit = _toolkit_facts()
+        self.trt_version = tensorrt_version()
+        self.gpu = local_gpu() if self.trt_version else None
+        self.blocker = build_blocker(settings.target.compute_capability, self.trt_version, self.gpu)
+        self.stages: list[dict] = []
+
+    def _stage(self, component: str, stage: str, start: float, reused: bool, **facts) -> None:
+        seconds = round(time.perf_counter() - start, 2)
+        self.stages.append(dict(component=component, stage=stage, seconds=seconds, reused=reused, **facts))
+        self.log(f"  {stage}: {'reused (unchanged inputs)' if reused else f'done in {seconds:.1f} s'}")
+
+    def onnx_stage(self, component: str) -> tuple[str, str, str, dict]:
+        spec = COMPONENTS[component]
+        precision = self.settings.precision_of(component)
+        model = getattr(self.models, spec.needs)
+        key = content_key(component, precision, self.models.cut, _public_config(model), weights_digest(model), self.toolkit)
+        relative = f"{ONNX_DIR}/{graph_filename(spec, precision, self.models.cut)}"
+        start = time.perf_counter()
+        previous = self.previous.get(component)
+        if previous and previous.onnx_key == key and previous.onnx_file == relative:
+            if _reusable(self.out, relative, previous.onnx_sha256):
+                self._stage(component, "onnx", start, reused=True)
+                return relative, previous.onnx_sha256, key, previous.validation
+        report = export_and_validate(self.models, component, precision, self.out / ONNX_DIR)
+        if report["status"] == "failed":
+            raise BuildError(
+                f"{component} ({precision}) failed validation against the fp32 eager model; see "
+                f"{self.out / relative.replace('.onnx', '.validation.json')}"
+            )
+        validation = {k: report[k] for k in ("status", "checks", "tolerance", "reason") if k in report}
+        self._stage(component, "onnx", start, reused=False, validation=report["status"])
+        return relative, sha256_file(self.out / relative), key, validation
+
+    def engine_stage(self, component: str, onnx_file: str, onnx_sha: str, profiles: list[Profile]) -> EngineRecord:
+        if self.blocker:
+            return EngineRecord(reason=self.blocker)
+        target, precision = self.settings.target, self.settings.precision_of(component)
+        capability = "%d.%d" % self.gpu.compute_capability
+        key = content_key(
+            onnx_sha, precision, [p.to_dict() for p in profiles], self.trt_version, capability,
+            self.settings.options.to_dict(),
+        )
+        relative = f"{ENGINE_DIR}/{component}.{precision}.{target.sm}.trt{self.trt_version}.{key}.plan"
+        start = time.perf_counter()
+        previous = self.previous.get(component)
+        if previous and previous.engine.key == key and _reusable(self.out, relative, previous.engine.sha256):
+            self._stage(component, "engine", start, reused=True)
+            return previous.engine
+        self.log(f"  building the TensorRT engine ({len(profiles)} profiles; this can take minutes) ...")
+        try:
+            facts = build_engine(
+                component,
+                self.out / onnx_file,
+                profiles,
+                self.settings.options,
+                self.out / relative,
+                self.out / f"timing.{target.sm}.trt{self.trt_version}.cache",
+                report=lambda line: self.log("    " + line),
+            )
+        except EngineBuildError as exc:
+            raise BuildError(str(exc)) from exc
+        self._stage(component, "engine", start, reused=False)
+        return EngineRecord(
+            file=relative,
+            sha256=sha256_file(self.out / relative),
+            key=key,
+            tensorrt_version=self.trt_version,
+            gpu=self.gpu.name,
+            compute_capability=capability,
+            facts=facts,
+        )
+
+    def component(self, component: str) -> ComponentRecord:
+        spec = COMPONENTS[component]
+        precision = self.settings.precision_of(component)
+        self.log(f"{component} ({precision})")
+        onnx_file, onnx_sha, onnx_key, validation = self.onnx_stage(component)
+        start = time.perf_counter()
+        profiles, estimates = derive_profiles(component, self.models, GraphMemoryModel(self.out / onnx_file), self.settings)
+        self._stage(component, "profiles", start, reused=False, count=len(profiles))
+        for profile, estimate in zip(profiles, estimates):
+            self.log(f"    {format_profile(profile, spec.inputs[0])}, estimate {estimate / 2**30:.2f} GiB")
+        engine = self.engine_stage(component, onnx_file, onnx_sha, profiles)
+        return ComponentRecord(
+            name=component,
+            precision=precision,
+            onnx_file=onnx_file,
+            onnx_sha256=onnx_sha,
+            onnx_key=onnx_key,
+            inputs=list(spec.inputs),
+            outputs=list(spec.outputs),
+            profiles=profiles,
+            engine=engine,
+            validation=validation,
+            memory_estimate_bytes=estimates,
+        )
+
+
+def format_profile(profile: Profile, main_input: str) -> str:
+    def side(shape):
+        return f"{shape[2]}x{shape[3]}"
+
+    lo, opt, hi = profile.min[main_input], profile.opt[main_input], profile.max[main_input]
+    return f"{profile.name}: {main_input} {side(lo)} .. {side(hi)} (opt {side(opt)}), batch 1..{hi[0]}"
+
+
+def _prune(out: Path, old: dict[str, ComponentRecord], new: dict[str, ComponentRecord]) -> None:
+    """Delete artifacts the previous manifest named and the new one does not."""
+    keep = {f for r in new.values() for f in (r.onnx_file, r.engine.file) if f}
+    for record in old.values():
+        for relative in (record.onnx_file, record.engine.file):
+            if relative and relative not in keep:
+                (out / relative).unlink(missing_ok=True)
+                if relative.endswith(".onnx"):
+                    (out / relative.replace(".onnx", ".validation.json")).unlink(missing_ok=True)
+
+
+def build_artifacts(models: Models, settings: BuildSettings, out: Path, log=print) -> Manifest:
+    """Run every stage into ``out``; the manifest is written last, only if all stages succeeded."""
+    check_range(settings.target)
+    for component in settings.components:
+        settings.target.check_precision(settings.precision_of(component))
+    builder = _Builder(models, settings, out, log)
+    if settings.require_engines and builder.blocker:
+        raise BuildError(f"--require-engines: engines cannot be built here: {builder.blocker}")
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    try:
+        records = {name: builder.component(name) for name in settings.components}
+    finally:
+        shutil.rmtree(out / ONNX_DIR / ".staging", ignore_errors=True)
+    manifest = Manifest(
+        target=settings.target.describe(),
+        weights=settings.weights,
+        build_options={
+            **settings.options.to_dict(),
+            "max_batch": settings.max_batch,
+            "vae_cut": models.cut,
+        },
+        toolkit=builder.toolkit,
+        rebuild_command=settings.rebuild_command,
+        components=records,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    report = {
+        "target": settings.target.describe(),
+        "total_seconds": round(time.perf_counter() - started, 1),
+        "tensorrt_version": builder.trt_version,
+        "engines_blocked_by": builder.blocker,
+        "stages": builder.stages,
+        "components": {
+            name: {
+                "validation": r.validation,
+                "profiles": [p.to_dict() for p in r.profiles],
+                "memory_estimate_bytes": r.memory_estimate_bytes,
+                "engine": r.engine.to_dict(),
+            }
+            for name, r in records.items()
+        },
+    }
+    with atomic_output(out / REPORT_NAME) as partial:
+        partial.write_text(json.dumps(report, indent=2) + "\n")
+    manifest.write(out)
+    _prune(out, builder.previous, records)
+    return manifest
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m export.build",
+        description=(
+            "Build a Flow Upscaler artifact folder for one GPU: ONNX graphs validated against the fp32 "
+            "eager model, TensorRT engines with per-octave optimisation profiles (when TensorRT and the "
+            "target GPU are present), manifest.json and report.json. Unchanged inputs reuse earlier "
+            "artifacts. Exit codes: 0 done (engines may be marked not built), 1 a stage failed, 2 bad usage."
+        ),
+    )
+    parser.add_argument(
+        "--target",
+        required=True,
+        choices=TARGET_CHOICES,
+        help="GPU preset (%s) or auto (the local GPU)" % ", ".join(PRESETS),
+    )
+    add_weight_arguments(parser, with_vae=True)
+    parser.add_argument("--precision", choices=("fp16", "bf16"), help="U-Net precision (default: the target's, fp16)")
+    parser.add_argument(
+        "--vae-precision",
+        choices=("fp32", "fp16", "bf16"),
+        help="VAE decoder precision (default: bf16 where supported, else fp32; fp16 can overflow)",
+    )
+    parser.add_argument("--out", type=Path, help="artifact folder (default: build/<target>)")
+    parser.add_argument(
+        "--components", nargs="+", choices=BUILD_COMPONENTS, default=list(BUILD_COMPONENTS), help="what to build"
+    )
+    parser.add_argument("--min-px", type=int, help="smallest input image side in pixels (default: 512)")
+    parser.add_argument("--max-px", type=int, help="largest output image side in pixels (default: 8192)")
+    parser.add_argument("--max-batch", type=int, default=MAX_BATCH, help="batch limit of every profile (default: %(default)s)")
+    parser.add_argument("--opt-level", type=int, default=3, choices=range(6), help="TensorRT builder optimisation level")
+    parser.add_argument("--workspace-gib", type=float, help="TensorRT workspace memory limit (default: TensorRT's)")
+    parser.add_argument(
+        "--require-engines", action="store_true", help="fail unless TensorRT engines can be built on this machine"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of --random-weights")
+    return parser
+
+
+def _rebuild_command(args: argparse.Namespace, target: Target, out: Path) -> str:
+    words = ["python", "-m", "export.build", "--target", target.name if target.name in PRESETS else "auto"]
+    if args.random_weights:
+        words += ["--random-weights", "--seed", str(args.seed)]
+    elif args.checkpoint:
+        words += ["--checkpoint", args.checkpoint]
+    if args.vae and not args.random_weights:
+        words += ["--vae", args.vae]
+    words += ["--out", str(out), "--components", *args.components]
+    for flag, value in (("--precision", args.precision), ("--vae-precision", args.vae_precision),
+                        ("--min-px", args.min_px), ("--max-px", args.max_px),
+                        ("--workspace-gib", args.workspace_gib)):
+        if value is not None:
+            words += [flag, str(value)]
+    if args.max_batch != MAX_BATCH:
+        words += ["--max-batch", str(args.max_batch)]
+    if args.opt_level != 3:
+        words += ["--opt-level", str(args.opt_level)]
+    return shlex.join(words)
+
+
+def _load_models(args: argparse.Namespace, components: tuple[str, ...]) -> tuple[Models, dict]:
+    models, weights = Models(), {}
+    if {"cond_encoder", "unet"} & set(components):
+        models.unet = load_unet(args.checkpoint, random_weights=args.random_weights, seed=args.seed)
+        weights["unet"] = {"source": "random" if args.random_weights else args.checkpoint or "default",
+                           "sha256": weights_digest(models.unet)}
+    if "vae_decoder" in components:
+        models.vae = load_vae(args.vae, random_weights=args.random_weights, seed=args.seed)
+        weights["vae"] = {"source": "random" if args.random_weights else args.vae or "default",
+                          "sha256": weights_digest(models.vae)}
+    if args.random_weights:
+        weights["random_weights_seed"] = args.seed
+    return models, weights
+
+
+def _summary(manifest: Manifest, out: Path) -> str:
+    lines = [f"wrote {out / 'manifest.json'}"]
+    unbuilt = [n for n, r in manifest.components.items() if not r.engine.built]
+    if unbuilt:
+        reason = manifest.components[unbuilt[0]].engine.reason
+        lines += [
+            f"engines not built ({reason}).",
+            f"To finish, copy {out} to a machine with a {manifest.target['gpu']} and TensorRT and run there:",
+            f"  {manifest.rebuild_command}",
+        ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.max_batch < 1:
+        parser.error("--max-batch must be at least 1")
+    try:
+        target = get_target(args.target).with_range(args.min_px, args.max_px)
+        check_range(target)
+    except (TargetError, ProfileError) as exc:
+        parser.error(str(exc))
+    precision = args.precision or target.default_precision
+    vae_precision = args.vae_precision or target.vae_precision
+    try:
+        target.check_precision(precision)
+        target.check_precision(vae_precision)
+    except TargetError as exc:
+        parser.error(str(exc))
+    out = args.out or Path("build") / target.name
+    components = tuple(dict.fromkeys(args.components))
+    settings = BuildSettings(
+        target=target,
+        precision=precision,
+        vae_precision=vae_precision,
+        components=components,
+        max_batch=args.max_batch,
+        options=BuildOptions(
+            optimization_level=args.opt_level,
+            workspace_bytes=int(args.workspace_gib * 2**30) if args.workspace_gib else None,
+        ),
+        require_engines=args.require_engines,
+        rebuild_command=_rebuild_command(args, target, out),
+    )
+    try:
+        if args.require_engines:
+            blocker = build_blocker(target.compute_capability, tensorrt_version(), local_gpu())
+            if blocker:
+                raise BuildError(f"--require-engines: engines cannot be built here: {blocker}")
+        print(f"target {target.name}: {target.gpu}, compute capability "
+              f"{target.compute_capability[0]}.{target.compute_capability[1]}, budget "
+              f"{target.memory_budget_bytes / 2**30:.1f} GiB; out {out}", flush=True)
+        models, settings.weights = _load_models(args, components)
+        manifest = build_artifacts(models, settings, out, log=lambda line: print(line, flush=True))
+    except (CheckpointError, BuildError, ProfileError, TargetError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(_summary(manifest, out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
