@@ -1,1 +1,1 @@
-"""GPU target presets, shape profiles, TensorRT builds and the artifact manifest (not built yet)."""
+"""GPU target presets, shape profiles, ONNX memory estimates, TensorRT builds and the artifact manifest."""

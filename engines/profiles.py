@@ -94,13 +94,20 @@ def _check_side_range(lo: int, hi: int, grid: int) -> None:
 
 
 def octave_sides(lo: int, hi: int, grid: int) -> list[int]:
-    """Upper sides of the octaves from ``lo`` to ``hi``: lo, 2lo, 4lo, ... and hi itself."""
+    """Upper sides of the octaves from ``lo`` to ``hi``: lo, 2lo, 4lo, ... and hi itself.
+
+    A last step of less than half an octave stretches the previous octave instead of adding a
+    sliver profile (124 -> 1024 gives 124, 248, 496, 1024, not ..., 992, 1024).
+    """
     _check_side_range(lo, hi, grid)
     sides, side = [], lo
     while side < hi:
         sides.append(side)
         side *= 2
-    sides.append(hi)
+    if len(sides) > 1 and 2 * hi < 3 * sides[-1]:
+        sides[-1] = hi
+    else:
+        sides.append(hi)
     return sides
 
 

@@ -168,7 +168,6 @@ def build_engine(
                     cache = config.get_timing_cache()
                     cache_bytes = bytes(cache.serialize()) if cache is not None else None
         except Exception as exc:
-            G_LOGGER.log_file = None
             raise _explain_failure(exc, log_path.read_text(errors="replace") if log_path.exists() else "", component) from exc
         finally:
             G_LOGGER.log_file = None

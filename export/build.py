@@ -35,7 +35,7 @@ from engines.manifest import (
     sha256_file,
 )
 from engines.memory import GraphMemoryModel
-from engines.profiles import MAX_BATCH, Profile, ProfileError, pass_profiles, tile_profile
+from engines.profiles import MAX_BATCH, VAE_TILE_CAP, Profile, ProfileError, pass_profiles, tile_profile
 from engines.targets import PRESETS, TARGET_CHOICES, Target, TargetError, get_target
 from engines.tensorrt_build import (
     BuildOptions,
@@ -112,13 +112,17 @@ def _latent_ranges(target: Target) -> dict[str, tuple[int, int, int]]:
 
 
 def check_range(target: Target) -> None:
-    for name, (lo, hi, grid) in _latent_ranges(target).items():
-        if lo < grid or lo % grid or hi % grid or hi < lo:
-            raise ProfileError(
-                f"resolution range {target.min_input_px}..{target.max_output_px} px does not fit {name}'s "
-                f"grid: the smallest input must be a multiple of {PIXELS_PER_LATENT * 2 * grid} px, the "
-                f"largest output a multiple of {PIXELS_PER_LATENT * 2 * grid} px and at least twice the input"
-            )
+    """Sizes on every component's grid: inputs a multiple of 16 px, outputs of 32 px (latents
+    of 2 and 4), and at least one 2x pass between them."""
+    lo, hi = target.min_input_px, target.max_output_px
+    in_step = PIXELS_PER_LATENT * COMPONENTS["cond_encoder"].grid
+    out_step = PIXELS_PER_LATENT * COMPONENTS["unet"].grid
+    if lo <= 0 or lo % in_step or hi % out_step or hi < 2 * lo:
+        raise ProfileError(
+            f"resolution range {lo}..{hi} px is not usable: the smallest input side must be a positive "
+            f"multiple of {in_step} px, the largest output side a multiple of {out_step} px and at least "
+            "twice the input"
+        )
 
 
 def derive_profiles(
@@ -136,7 +140,8 @@ def derive_profiles(
 
     budget = settings.target.memory_budget_bytes
     if component == "vae_decoder":
-        profiles = [tile_profile(rule, lo, grid, budget, estimate, max_batch=settings.max_batch, prefix=component + ":")]
+        cap = min(VAE_TILE_CAP, hi)
+        profiles = [tile_profile(rule, lo, grid, budget, estimate, cap, settings.max_batch, prefix=component + ":")]
     else:
         profiles = pass_profiles(rule, lo, hi, grid, budget, estimate, settings.max_batch, prefix=component + ":")
     return profiles, [estimate(p.max) for p in profiles]

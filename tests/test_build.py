@@ -1,0 +1,169 @@
+"""``export.build`` end to end on the small configuration, without TensorRT."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from engines.manifest import MANIFEST_NAME, load_manifest
+from engines.profiles import ProfileError
+from engines.targets import PRESETS
+from engines.tensorrt_build import tensorrt_version
+from export import build
+from export.build import BuildError, BuildSettings, build_artifacts, main
+from export.checkpoint import random_vae, seeded_init
+from export.models import UpscalerUNet
+from export.onnx.components import Models
+
+from .conftest import SMALL_UNET, SMALL_VAE
+
+pytestmark = pytest.mark.skipif(
+    tensorrt_version() is not None, reason="these tests expect the ONNX-only build of a machine without TensorRT"
+)
+
+# 64 px in (latent 8) .. 512 px out (latent 64): three octaves for the small models.
+TARGET = PRESETS["rtx4090"].with_range(64, 512)
+
+
+def _models(seed: int = 0) -> Models:
+    unet = seeded_init(lambda: UpscalerUNet(**SMALL_UNET), seed).eval()
+    return Models(unet=unet, vae=random_vae(seed, **SMALL_VAE))
+
+
+def _settings(**overrides) -> BuildSettings:
+    return BuildSettings(target=TARGET, precision="fp16", vae_precision="bf16", **overrides)
+
+
+def _files(folder: Path) -> dict[str, float]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> tuple[Path, list[str]]:
+    out = tmp_path_factory.mktemp("artifacts")
+    log: list[str] = []
+    build_artifacts(_models(), _settings(), out, log=log.append)
+    return out, log
+
+
+def test_onnx_only_build_writes_verified_manifest_and_report(built):
+    out, log = built
+    manifest = load_manifest(out)
+    assert set(manifest.components) == {"cond_encoder", "unet", "vae_decoder"}
+    unet = manifest.components["unet"]
+    assert unet.precision == "fp16" and manifest.components["vae_decoder"].precision == "bf16"
+    assert unet.validation["status"] == "passed"
+    assert manifest.components["vae_decoder"].validation["status"] == "not_run"
+    assert [p.opt["sample"][2:] for p in unet.profiles] == [(16, 16), (32, 32), (64, 64)]
+    assert [p.max["latents_small"][2:] for p in manifest.components["cond_encoder"].profiles] == [(8, 8), (16, 16), (32, 32)]
+    assert manifest.components["vae_decoder"].profiles[0].max["latents"][2:] == (64, 64)
+    for record in manifest.components.values():
+        assert not record.engine.built and "TensorRT is not installed" in record.engine.reason
+        assert len(record.memory_estimate_bytes) == len(record.profiles)
+    assert manifest.weights == {}  # set by the CLI, not by build_artifacts
+    report = json.loads((out / "report.json").read_text())
+    assert {s["stage"] for s in report["stages"]} == {"onnx", "profiles"}
+    assert not list(out.rglob("*.partial")) and not (out / "onnx" / ".staging").exists()
+
+
+def test_rerun_with_unchanged_inputs_reuses_every_graph(built, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(built[0], out)
+    before = _files(out)
+    log: list[str] = []
+    build_artifacts(_models(), _settings(), out, log=log.append)
+    assert sum("onnx: reused (unchanged inputs)" in line for line in log) == 3
+    after = _files(out)
+    assert {k: v for k, v in after.items() if k.startswith("onnx/")} == {k: v for k, v in before.items() if k.startswith("onnx/")}
+
+
+def test_changed_weights_reexport_only_what_they_feed(built, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(built[0], out)
+    models = _models()
+    models.unet = seeded_init(lambda: UpscalerUNet(**SMALL_UNET), 7).eval()
+    log: list[str] = []
+    build_artifacts(models, _settings(), out, log=log.append)
+    reused = [line for line in log if "reused" in line]
+    assert len(reused) == 1  # the VAE decoder
+    assert load_manifest(out).components["unet"].onnx_sha256 != load_manifest(built[0]).components["unet"].onnx_sha256
+
+
+def test_failure_mid_way_leaves_no_half_written_files_and_the_old_manifest(built, tmp_path, monkeypatch):
+    out = tmp_path / "copy"
+    shutil.copytree(built[0], out)
+    old_manifest = (out / MANIFEST_NAME).read_bytes()
+    real = build.derive_profiles
+
+    def failing(component, *args):
+        if component == "unet":
+            raise ProfileError("simulated failure")
+        return real(component, *args)
+
+    monkeypatch.setattr(build, "derive_profiles", failing)
+    models = _models(seed=3)  # new weights, so the graphs are exported again before the failure
+    with pytest.raises(ProfileError, match="simulated"):
+        build_artifacts(models, _settings(), out, log=lambda line: None)
+    assert (out / MANIFEST_NAME).read_bytes() == old_manifest
+    assert not list(out.rglob("*.partial")) and not (out / "onnx" / ".staging").exists()
+
+
+def test_failure_in_a_fresh_folder_writes_no_manifest(tmp_path, monkeypatch):
+    def failing(*args, **kwargs):
+        raise RuntimeError("exporter crashed")
+
+    monkeypatch.setattr(build, "export_and_validate", failing)
+    with pytest.raises(RuntimeError, match="exporter crashed"):
+        build_artifacts(_models(), _settings(), tmp_path, log=lambda line: None)
+    assert not (tmp_path / MANIFEST_NAME).exists() and not (tmp_path / "report.json").exists()
+    assert not list(tmp_path.rglob("*.onnx*"))
+
+
+def test_failed_validation_stops_the_build(tmp_path, monkeypatch):
+    def failed(models, component, precision, out):
+        return {"status": "failed"}
+
+    monkeypatch.setattr(build, "export_and_validate", failed)
+    with pytest.raises(BuildError, match="cond_encoder \\(fp16\\) failed validation against the fp32 eager model"):
+        build_artifacts(_models(), _settings(), tmp_path, log=lambda line: None)
+    assert not (tmp_path / MANIFEST_NAME).exists()
+
+
+def test_require_engines_fails_before_any_work(tmp_path):
+    out = tmp_path / "never"
+    with pytest.raises(BuildError, match="--require-engines: engines cannot be built here: TensorRT is not installed"):
+        build_artifacts(_models(), _settings(require_engines=True), out, log=lambda line: None)
+    assert not out.exists()
+
+
+def test_cli_full_size_encoder_completes_the_onnx_stages_and_says_what_to_run(tmp_path, capsys):
+    out = tmp_path / "art"
+    code = main(["--target", "rtx4090", "--random-weights", "--components", "cond_encoder", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "engines not built (TensorRT is not installed" in printed
+    assert f"python -m export.build --target rtx4090 --random-weights --seed 0 --out {out} --components cond_encoder" in printed
+    manifest = load_manifest(out)
+    assert manifest.weights["unet"]["source"] == "random" and len(manifest.weights["unet"]["sha256"]) == 64
+    assert [p.opt["latents_small"][2:] for p in manifest.components["cond_encoder"].profiles] == [
+        (64, 64), (128, 128), (256, 256), (512, 512)
+    ]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--min-px", "500"], "multiple of"),
+        (["--max-px", "256"], "at least twice"),
+        (["--max-batch", "0"], "--max-batch must be at least 1"),
+    ],
+)
+def test_cli_bad_ranges_exit_2(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--target", "rtx4090", "--random-weights", "--out", str(tmp_path), *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
