@@ -119,10 +119,10 @@ def _batch_limit(rule: ShapeRule, side: int, budget: int, estimate: MemoryEstima
     return batch
 
 
-def _over_budget(what: str, side: int, needed: int, budget: int, hint: str) -> ProfileError:
+def _over_budget(component: str, side: int, needed: int, budget: int, hint: str) -> ProfileError:
     gib = 1 << 30
     return ProfileError(
-        f"{what} at {side}x{side} latent pixels needs about {needed / gib:.1f} GiB, over the "
+        f"{component} at batch 1 and {side}x{side} latent pixels needs about {needed / gib:.1f} GiB, over the "
         f"memory budget of {budget / gib:.1f} GiB; {hint}"
     )
 
@@ -135,7 +135,7 @@ def pass_profiles(
     budget: int,
     estimate: MemoryEstimator,
     max_batch: int = MAX_BATCH,
-    prefix: str = "",
+    component: str = "component",
 ) -> list[Profile]:
     """One profile per octave of the main input's side, ``lo``..``hi`` on ``grid``.
 
@@ -147,12 +147,12 @@ def pass_profiles(
         batch = _batch_limit(rule, side, budget, estimate, max_batch)
         if batch == 0:
             raise _over_budget(
-                f"{prefix or 'a component'} at batch 1", side, estimate(rule(1, side, side)), budget,
+                component, side, estimate(rule(1, side, side)), budget,
                 "lower the largest output size (--max-px) or build for a target with more memory",
             )
         profiles.append(
             Profile(
-                name=f"{prefix}{side}",
+                name=f"{component}:{side}",
                 min=rule(1, lo, lo),
                 opt=rule(1, side, side),
                 max=rule(batch, side, side),
@@ -169,7 +169,7 @@ def tile_profile(
     estimate: MemoryEstimator,
     cap: int = VAE_TILE_CAP,
     max_batch: int = MAX_BATCH,
-    prefix: str = "",
+    component: str = "component",
 ) -> Profile:
     """One profile for tiled decoding: any size from ``lo`` up to the largest tile that fits.
 
@@ -183,12 +183,12 @@ def tile_profile(
     )
     if tile is None:
         raise _over_budget(
-            f"{prefix or 'a tile'} at batch 1", lo, estimate(rule(1, lo, lo)), budget,
+            component, lo, estimate(rule(1, lo, lo)), budget,
             "build for a target with more memory",
         )
     batch = _batch_limit(rule, tile, budget, estimate, max_batch)
     return Profile(
-        name=f"{prefix}tile{tile}",
+        name=f"{component}:tile{tile}",
         min=rule(1, lo, lo),
         opt=rule(1, tile, tile),
         max=rule(batch, tile, tile),

@@ -161,12 +161,10 @@ def build_engine(
         start = time.perf_counter()
         try:
             builder, network, parser = network_loader()
-            with builder, network, parser:
-                config = create_config(builder, network)
-                with config:
-                    engine_bytes = EngineBytesFromNetwork((builder, network, parser), config)()
-                    cache = config.get_timing_cache()
-                    cache_bytes = bytes(cache.serialize()) if cache is not None else None
+            config = create_config(builder, network)
+            engine_bytes = EngineBytesFromNetwork((builder, network, parser), config)()
+            cache = config.get_timing_cache()
+            cache_bytes = bytes(cache.serialize()) if cache is not None else None
         except Exception as exc:
             raise _explain_failure(exc, log_path.read_text(errors="replace") if log_path.exists() else "", component) from exc
         finally:
@@ -178,18 +176,18 @@ def build_engine(
     if cache_bytes:
         with atomic_output(timing_cache_path) as partial:
             partial.write_bytes(cache_bytes)
-    return {"build_seconds": round(seconds, 1), **_engine_memory(trt, engine_bytes, len(profiles))}
+    return {"build_seconds": round(seconds, 1), **_engine_memory(engine_bytes, len(profiles))}
 
 
-def _engine_memory(trt, engine_bytes, num_profiles: int) -> dict:
+def _engine_memory(engine_bytes, num_profiles: int) -> dict:
     """Scratch memory TensorRT says each profile needs at its maximum shapes."""
     from polygraphy.backend.trt import EngineFromBytes
 
-    with EngineFromBytes(engine_bytes)() as engine:
-        if not hasattr(engine, "get_device_memory_size_for_profile_v2"):
-            return {}
-        return {
-            "device_memory_bytes_per_profile": [
-                int(engine.get_device_memory_size_for_profile_v2(i)) for i in range(num_profiles)
-            ]
-        }
+    engine = EngineFromBytes(engine_bytes)()
+    if not hasattr(engine, "get_device_memory_size_for_profile_v2"):
+        return {}
+    return {
+        "device_memory_bytes_per_profile": [
+            int(engine.get_device_memory_size_for_profile_v2(i)) for i in range(num_profiles)
+        ]
+    }

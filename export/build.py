@@ -141,9 +141,9 @@ def derive_profiles(
     budget = settings.target.memory_budget_bytes
     if component == "vae_decoder":
         cap = min(VAE_TILE_CAP, hi)
-        profiles = [tile_profile(rule, lo, grid, budget, estimate, cap, settings.max_batch, prefix=component + ":")]
+        profiles = [tile_profile(rule, lo, grid, budget, estimate, cap, settings.max_batch, component)]
     else:
-        profiles = pass_profiles(rule, lo, hi, grid, budget, estimate, settings.max_batch, prefix=component + ":")
+        profiles = pass_profiles(rule, lo, hi, grid, budget, estimate, settings.max_batch, component)
     return profiles, [estimate(p.max) for p in profiles]
 
 

@@ -49,7 +49,7 @@ def test_memory_budget_limits_batch_per_profile():
 
 
 def test_range_over_budget_at_batch_1_is_an_error_naming_the_fix():
-    with pytest.raises(ProfileError, match=r"1024x1024 latent pixels needs about 1\.0 GiB, over the memory budget of 0\.5 GiB; lower"):
+    with pytest.raises(ProfileError, match=r"component at batch 1 and 1024x1024 latent pixels needs about 1\.0 GiB, over the memory budget of 0\.5 GiB; lower"):
         pass_profiles(rule, 128, 1024, 4, budget=2**29, estimate=area_estimate(1024), max_batch=2)
 
 
