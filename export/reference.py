@@ -2,9 +2,7 @@
 
 Every later check (ONNX, engines, runtime backends) compares against these functions.
 
-Noise: one CPU ``torch.Generator`` seeded with ``seed``; pass k draws its [B, 32, 2h, 2w] fp32
-noise with ``torch.randn`` after passes 0..k-1 drew theirs. Drawing on the CPU makes the noise
-identical on every device and backend.
+The latent contract (validation, noise convention) is in ``runtime.latents``.
 """
 
 from __future__ import annotations
@@ -16,40 +14,21 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, add_weight_arguments, load_unet, read_safetensors
 from engines.files import atomic_output
-from .latents import LATENT_CHANNELS, InvalidLatentsError, pack, unpack
+from runtime.latents import (
+    LATENT_CHANNELS,
+    SCALES,
+    TIMESTEP,
+    InvalidLatentsError,
+    describe_shape,
+    pack,
+    pass_noise,
+    unpack,
+    validate_latents,
+)
+
+from .checkpoint import CheckpointError, add_weight_arguments, load_unet, read_safetensors
 from .models.upscaler_unet import UpscalerUNet
-
-TIMESTEP = 1000.0
-SCALES = (2, 4, 8)
-
-
-def _describe(x: torch.Tensor) -> str:
-    return f"shape {tuple(x.shape)}"
-
-
-def validate_latents(latents: torch.Tensor, name: str = "latents", grid: int = 2) -> None:
-    """Refuse anything but a finite float [B, 32, h, w] tensor with h, w multiples of ``grid``."""
-    if not isinstance(latents, torch.Tensor):
-        raise InvalidLatentsError(f"{name} must be a torch.Tensor, got {type(latents).__name__}")
-    if latents.dim() != 4:
-        raise InvalidLatentsError(
-            f"{name} must have rank 4 [batch, {LATENT_CHANNELS}, height, width], got {_describe(latents)}"
-        )
-    batch, channels, height, width = latents.shape
-    if channels != LATENT_CHANNELS:
-        raise InvalidLatentsError(
-            f"{name} must have {LATENT_CHANNELS} channels (unpacked FLUX.2 latent), got {channels}"
-        )
-    if batch < 1 or height < grid or width < grid or height % grid or width % grid:
-        raise InvalidLatentsError(
-            f"{name} height and width must be positive multiples of {grid}, got {height}x{width}"
-        )
-    if not latents.is_floating_point():
-        raise InvalidLatentsError(f"{name} must be a floating-point tensor, got {latents.dtype}")
-    if not torch.isfinite(latents).all():
-        raise InvalidLatentsError(f"{name} contains NaN or Inf values")
 
 
 def validate_pass_inputs(sample: torch.Tensor, latents_small: torch.Tensor) -> None:
@@ -60,16 +39,9 @@ def validate_pass_inputs(sample: torch.Tensor, latents_small: torch.Tensor) -> N
     expected = (b, LATENT_CHANNELS, h // 2, w // 2)
     if tuple(latents_small.shape) != expected:
         raise InvalidLatentsError(
-            f"latents_small must be {expected} for a sample of {_describe(sample)}, "
-            f"got {_describe(latents_small)}"
+            f"latents_small must be {expected} for a sample of {describe_shape(sample)}, "
+            f"got {describe_shape(latents_small)}"
         )
-
-
-def pass_noise(generator: torch.Generator, latents_small: torch.Tensor) -> torch.Tensor:
-    """The next pass's noise, [B, 32, 2h, 2w] fp32 drawn on the CPU, moved to the input's device."""
-    b, c, h, w = latents_small.shape
-    noise = torch.randn((b, c, 2 * h, 2 * w), generator=generator, dtype=torch.float32)
-    return noise.to(latents_small.device)
 
 
 @torch.no_grad()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from export.latents import (
+from runtime.latents import (
     InvalidLatentsError,
     LatentStats,
     denormalise,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from export.latents import InvalidLatentsError, pack
+from runtime.latents import InvalidLatentsError, pack
 from export.reference import main, upscale, upscale_step, validate_pass_inputs, velocity
 
 

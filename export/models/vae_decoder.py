@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..latents import LatentStats, patchify, unpatchify
+from runtime.latents import LatentStats, patchify, unpatchify
 
 # Cut fK lies after stage K of VAEDecoder.stages: f1 after the mid-block, f2..f5 after
 # decoder.up_blocks.0..3. MODEL.md names f3 (after up_blocks.1); the others follow that count.

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..models import ConditioningEncoder, UNetBody, VAEDecoder, VAEDecoderHead, VAEDecoderTail
 from ..models.components import COND_ENCODER_INPUTS, COND_ENCODER_OUTPUTS, UNET_INPUTS, UNET_OUTPUTS
-from ..reference import TIMESTEP
+from runtime.latents import TIMESTEP
 
 DEFAULT_CUT = "f3"
 

@@ -4,6 +4,11 @@ The Flow Upscaler works on normalised 32-channel latents at 1/8 of pixel size. T
 normalisation lives in patchified space (128 channels at 1/16), which is also the packed form
 ComfyUI passes around, so ``pack``/``unpack`` are patchify/unpatchify with their channel counts
 checked.
+
+This module is the latent contract shared by the eager reference (``export``) and the runtime, so
+it lives on the runtime side, which must not import ``export``. Noise: one CPU ``torch.Generator``
+seeded with ``seed``; pass k draws its [B, 32, 2h, 2w] fp32 noise with ``torch.randn`` after passes
+0..k-1 drew theirs. Drawing on the CPU makes the noise identical on every device and backend.
 """
 
 from __future__ import annotations
@@ -14,6 +19,9 @@ import torch
 
 LATENT_CHANNELS = 32
 PACKED_CHANNELS = 4 * LATENT_CHANNELS
+# One flow-match Euler step from sigma 1 to 0: the model is called at t = 1000 (MODEL.md 2).
+TIMESTEP = 1000.0
+SCALES = (2, 4, 8)
 
 
 class InvalidLatentsError(ValueError):
@@ -102,3 +110,37 @@ def denormalise(latents: torch.Tensor, stats: LatentStats) -> torch.Tensor:
     """Normalised latent (32 ch) -> raw VAE latent, ready for ``post_quant_conv``."""
     patches = patchify(latents)
     return unpatchify(patches * stats.std.to(patches) + stats.mean.to(patches))
+
+
+def describe_shape(x: torch.Tensor) -> str:
+    return f"shape {tuple(x.shape)}"
+
+
+def validate_latents(latents: torch.Tensor, name: str = "latents", grid: int = 2) -> None:
+    """Refuse anything but a finite float [B, 32, h, w] tensor with h, w multiples of ``grid``."""
+    if not isinstance(latents, torch.Tensor):
+        raise InvalidLatentsError(f"{name} must be a torch.Tensor, got {type(latents).__name__}")
+    if latents.dim() != 4:
+        raise InvalidLatentsError(
+            f"{name} must have rank 4 [batch, {LATENT_CHANNELS}, height, width], got {describe_shape(latents)}"
+        )
+    batch, channels, height, width = latents.shape
+    if channels != LATENT_CHANNELS:
+        raise InvalidLatentsError(
+            f"{name} must have {LATENT_CHANNELS} channels (unpacked FLUX.2 latent), got {channels}"
+        )
+    if batch < 1 or height < grid or width < grid or height % grid or width % grid:
+        raise InvalidLatentsError(
+            f"{name} height and width must be positive multiples of {grid}, got {height}x{width}"
+        )
+    if not latents.is_floating_point():
+        raise InvalidLatentsError(f"{name} must be a floating-point tensor, got {latents.dtype}")
+    if not torch.isfinite(latents).all():
+        raise InvalidLatentsError(f"{name} contains NaN or Inf values")
+
+
+def pass_noise(generator: torch.Generator, latents_small: torch.Tensor) -> torch.Tensor:
+    """The next pass's noise, [B, 32, 2h, 2w] fp32 drawn on the CPU, moved to the input's device."""
+    b, c, h, w = latents_small.shape
+    noise = torch.randn((b, c, 2 * h, 2 * w), generator=generator, dtype=torch.float32)
+    return noise.to(latents_small.device)
