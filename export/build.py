@@ -46,7 +46,7 @@ from engines.tensorrt_build import (
     tensorrt_version,
 )
 
-from .checkpoint import CheckpointError, add_weight_arguments, load_unet, load_vae, weights_digest
+from .checkpoint import CheckpointError, add_weight_arguments, load_unet, load_vae, random_vae, weights_digest
 from .onnx.__main__ import export_and_validate
 from .onnx.components import COMPONENTS, Models
 from .onnx.exporter import OPSET, graph_filename
@@ -176,6 +176,19 @@ class _Builder:
         self.gpu = local_gpu() if self.trt_version else None
         self.blocker = build_blocker(settings.target.compute_capability, self.trt_version, self.gpu)
         self.stages: list[dict] = []
+        self.digests = {
+            needs: weights_digest(getattr(models, needs))
+            for needs in {COMPONENTS[c].needs for c in settings.components}
+        }
+
+    def weights_record(self) -> dict:
+        """What the torch backend needs to rebuild the models: settings' source info, config, digest."""
+        record = {}
+        for needs, digest in self.digests.items():
+            entry = dict(self.settings.weights.get(needs, {}))
+            entry.update(config=_public_config(getattr(self.models, needs)), sha256=digest)
+            record[needs] = entry
+        return record
 
     def _stage(self, component: str, stage: str, start: float, reused: bool, **facts) -> None:
         seconds = round(time.perf_counter() - start, 2)
@@ -186,7 +199,7 @@ class _Builder:
         spec = COMPONENTS[component]
         precision = self.settings.precision_of(component)
         model = getattr(self.models, spec.needs)
-        key = content_key(component, precision, self.models.cut, _public_config(model), weights_digest(model), self.toolkit)
+        key = content_key(component, precision, self.models.cut, _public_config(model), self.digests[spec.needs], self.toolkit)
         relative = f"{ONNX_DIR}/{graph_filename(spec, precision, self.models.cut)}"
         start = time.perf_counter()
         previous = self.previous.get(component)
@@ -304,7 +317,7 @@ def build_artifacts(models: Models, settings: BuildSettings, out: Path, log=prin
         shutil.rmtree(out / ONNX_DIR / ".staging", ignore_errors=True)
     manifest = Manifest(
         target=settings.target.describe(),
-        weights=settings.weights,
+        weights=builder.weights_record(),
         build_options={
             **settings.options.to_dict(),
             "max_batch": settings.max_batch,
@@ -399,18 +412,43 @@ def _rebuild_command(args: argparse.Namespace, target: Target, out: Path) -> str
 
 
 def _load_models(args: argparse.Namespace, components: tuple[str, ...]) -> tuple[Models, dict]:
-    models, weights = Models(), {}
+    """The models, and where their weights came from (for the manifest and the torch backend)."""
+    models, sources = Models(), {}
+    random = {"source": "random", "seed": args.seed}
     if {"cond_encoder", "unet"} & set(components):
         models.unet = load_unet(args.checkpoint, random_weights=args.random_weights, seed=args.seed)
-        weights["unet"] = {"source": "random" if args.random_weights else args.checkpoint or "default",
-                           "sha256": weights_digest(models.unet)}
+        sources["unet"] = random if args.random_weights else {"source": args.checkpoint}
     if "vae_decoder" in components:
         models.vae = load_vae(args.vae, random_weights=args.random_weights, seed=args.seed)
-        weights["vae"] = {"source": "random" if args.random_weights else args.vae or "default",
-                          "sha256": weights_digest(models.vae)}
-    if args.random_weights:
-        weights["random_weights_seed"] = args.seed
-    return models, weights
+        sources["vae"] = random if args.random_weights else {"source": args.vae}
+    return models, sources
+
+
+def models_from_weights_record(weights: dict, components: list[str]) -> Models:
+    """Rebuild the fp32 eager models a manifest's graphs were exported from, and prove it.
+
+    Raises ValueError when the record lacks a source or the loaded weights' digest differs.
+    """
+    models = Models()
+    for needs in sorted({COMPONENTS[c].needs for c in components}):
+        entry = weights.get(needs)
+        if not entry or "source" not in entry:
+            raise ValueError(
+                f"the manifest does not say where the {needs} weights came from (artifacts built through "
+                "the Python API without a source); use the onnxruntime or tensorrt backend"
+            )
+        random, source, config = entry["source"] == "random", entry["source"], entry.get("config", {})
+        if needs == "unet":
+            model = load_unet(None if random else source, random_weights=random, seed=entry.get("seed", 0), **config)
+        else:
+            model = random_vae(entry.get("seed", 0), **config) if random else load_vae(source)
+        if weights_digest(model) != entry["sha256"]:
+            raise ValueError(
+                f"the {needs} weights from {source!r} differ from the ones the artifacts were built from "
+                f"(sha256 {entry['sha256'][:12]}...)"
+            )
+        setattr(models, needs, model)
+    return models
 
 
 def _summary(manifest: Manifest, out: Path) -> str:

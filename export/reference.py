@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 
-from engines.files import atomic_output
 from runtime.latents import (
     LATENT_CHANNELS,
     SCALES,
@@ -23,11 +22,13 @@ from runtime.latents import (
     describe_shape,
     pack,
     pass_noise,
+    read_latents,
     unpack,
     validate_latents,
+    write_latents,
 )
 
-from .checkpoint import CheckpointError, add_weight_arguments, load_unet, read_safetensors
+from .checkpoint import CheckpointError, add_weight_arguments, load_unet
 from .models.upscaler_unet import UpscalerUNet
 
 
@@ -114,30 +115,11 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _read_input(path: Path) -> torch.Tensor:
-    tensors = read_safetensors(path)
-    if "latents" in tensors:
-        return tensors["latents"]
-    if len(tensors) != 1:
-        raise InvalidLatentsError(
-            f"{path} holds {len(tensors)} tensors ({', '.join(sorted(tensors)[:5])}); "
-            "expected one tensor, or one named 'latents'"
-        )
-    return next(iter(tensors.values()))
-
-
-def _write_output(path: Path, latents: torch.Tensor) -> None:
-    from safetensors.torch import save_file
-
-    with atomic_output(path) as partial:
-        save_file({"latents": latents.contiguous()}, str(partial))
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
         if args.input is not None:
-            latents = _read_input(args.input)
+            latents = read_latents(args.input)
         else:
             generator = torch.Generator("cpu").manual_seed(args.seed + 1)
             latents = torch.randn((1, LATENT_CHANNELS, *args.random_input), generator=generator)
@@ -148,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         out = upscale(model, latents, scale=args.scale, seed=args.seed)
         if args.latent_format == "flux2_packed":
             out = pack(out)
-        _write_output(args.output, out)
+        write_latents(args.output, out)
     except (CheckpointError, InvalidLatentsError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -14,8 +14,11 @@ seeded with ``seed``; pass k draws its [B, 32, 2h, 2w] fp32 noise with ``torch.r
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+from engines.files import atomic_output
 
 LATENT_CHANNELS = 32
 PACKED_CHANNELS = 4 * LATENT_CHANNELS
@@ -144,3 +147,32 @@ def pass_noise(generator: torch.Generator, latents_small: torch.Tensor) -> torch
     b, c, h, w = latents_small.shape
     noise = torch.randn((b, c, 2 * h, 2 * w), generator=generator, dtype=torch.float32)
     return noise.to(latents_small.device)
+
+
+def read_latents(path: str | Path) -> torch.Tensor:
+    """The latent tensor of a ``.safetensors`` file: its only tensor, or the one named ``latents``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidLatentsError(f"{path} does not exist")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise InvalidLatentsError(f"{path} is not a readable .safetensors file ({exc})") from exc
+    if "latents" in tensors:
+        return tensors["latents"]
+    if len(tensors) != 1:
+        raise InvalidLatentsError(
+            f"{path} holds {len(tensors)} tensors ({', '.join(sorted(tensors)[:5])}); "
+            "expected one tensor, or one named 'latents'"
+        )
+    return next(iter(tensors.values()))
+
+
+def write_latents(path: str | Path, latents: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_output(Path(path)) as partial:
+        save_file({"latents": latents.detach().cpu().contiguous()}, str(partial))

@@ -63,7 +63,9 @@ def test_onnx_only_build_writes_verified_manifest_and_report(built):
     for record in manifest.components.values():
         assert not record.engine.built and "TensorRT is not installed" in record.engine.reason
         assert len(record.memory_estimate_bytes) == len(record.profiles)
-    assert manifest.weights == {}  # set by the CLI, not by build_artifacts
+    # config and digest always; the source only when the CLI loaded the weights
+    assert set(manifest.weights) == {"unet", "vae"} and "source" not in manifest.weights["unet"]
+    assert manifest.weights["unet"]["config"]["base_channels"] == 32 and len(manifest.weights["vae"]["sha256"]) == 64
     report = json.loads((out / "report.json").read_text())
     assert {s["stage"] for s in report["stages"]} == {"onnx", "profiles"}
     assert not list(out.rglob("*.partial")) and not (out / "onnx" / ".staging").exists()

@@ -1,0 +1,71 @@
+"""Tiled VAE decoding: overlapping latent tiles, decoded one at a time, blended with linear ramps.
+
+Memory stays bounded by one tile's decode plus the output image, whatever the output size. Tiles
+never extend past the image: the last tile of a row or column is aligned to the edge (so its
+overlap with the previous one can be larger), and an image no larger than a tile is one tile.
+Where tiles overlap, each pixel is the weighted mean of the tiles covering it, with weights that
+ramp linearly from the tile's inner edge, so seams fade instead of cutting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of tiles of ``tile`` covering ``size``, stepping by ``tile - overlap``."""
+    if size <= tile:
+        return [0]
+    if not 0 <= overlap < tile:
+        raise ValueError(f"overlap must be in [0, {tile}), got {overlap}")
+    stride = tile - overlap
+    starts = list(range(0, size - tile, stride))
+    starts.append(size - tile)
+    return starts
+
+
+def _ramp(length: int, start: int, total: int, fade: int, device: torch.device) -> torch.Tensor:
+    """1-D weights of a tile: rising over ``fade`` pixels on sides that are inside the image."""
+    position = torch.arange(length, device=device, dtype=torch.float32) + 0.5
+    weight = torch.ones(length, device=device)
+    if fade > 0 and start > 0:
+        weight = torch.minimum(weight, position / fade)
+    if fade > 0 and start + length < total:
+        weight = torch.minimum(weight, (length - position) / fade)
+    return weight
+
+
+def decode_tiled(
+    decode: Callable[[torch.Tensor], torch.Tensor],
+    latents: torch.Tensor,
+    tile: int,
+    overlap: int,
+    scale: int = 8,
+) -> torch.Tensor:
+    """Decode ``latents`` [B, C, H, W] in tiles of at most ``tile`` latent pixels a side.
+
+    ``decode`` maps a latent tile to an image ``scale`` times larger. Returns the blended image.
+    """
+    batch, _, height, width = latents.shape
+    rows, cols = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
+    if len(rows) == len(cols) == 1:
+        return decode(latents)
+    fade = overlap * scale
+    image = weights = None
+    for top in rows:
+        for left in cols:
+            h, w = min(tile, height), min(tile, width)
+            piece = decode(latents[:, :, top : top + h, left : left + w]).float()
+            if image is None:
+                image = torch.zeros((batch, piece.shape[1], height * scale, width * scale), device=piece.device)
+                weights = torch.zeros((1, 1, height * scale, width * scale), device=piece.device)
+            ramp = _ramp(h * scale, top * scale, height * scale, fade, piece.device)[:, None] * _ramp(
+                w * scale, left * scale, width * scale, fade, piece.device
+            )[None, :]
+            rows_px = slice(top * scale, (top + h) * scale)
+            cols_px = slice(left * scale, (left + w) * scale)
+            image[:, :, rows_px, cols_px] += piece * ramp
+            weights[:, :, rows_px, cols_px] += ramp
+    return image / weights

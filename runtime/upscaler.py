@@ -1,0 +1,264 @@
+"""``Upscaler``: load an artifact folder once, then upscale latents 2x, 4x or 8x per call.
+
+One pass: ``cond_encoder(latents_small, t=1000)`` -> ``unet(noise, cond, lr1..3)`` -> velocity,
+then ``x0 = noise - velocity`` in fp32; 4x and 8x chain passes. Noise follows ``runtime.latents``
+(CPU generator, drawn pass by pass), so every backend sees the same noise for the same seed.
+
+Thread safety: one lock per ``Upscaler`` serialises the backend work of concurrent ``upscale``
+calls (TensorRT execution contexts, IO bindings and reused buffers are not re-entrant); input
+checks run outside it and each call has its own generator, so calls from several threads give
+the results they would give alone. For parallel throughput, load one ``Upscaler`` per thread.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engines.manifest import Manifest, load_manifest
+
+from .backends import Backend, BackendUnavailable, OnnxRuntimeBackend, TorchBackend
+from .latents import (
+    LATENT_CHANNELS,
+    PACKED_CHANNELS,
+    SCALES,
+    TIMESTEP,
+    InvalidLatentsError,
+    pack,
+    pass_noise,
+    unpack,
+    validate_latents,
+)
+from .tiling import decode_tiled
+
+BACKENDS = ("auto", "tensorrt", "onnxruntime", "onnxruntime-tensorrt", "torch")
+LATENT_FORMATS = ("flux2", "flux2_packed")
+PIPELINE = ("cond_encoder", "unet")
+DECODER = "vae_decoder"
+PIXELS_PER_LATENT = 8
+TILE_OVERLAP_FRACTION = 4  # overlap = tile / 4
+
+
+class SizeOutOfRangeError(InvalidLatentsError):
+    """Latents the artifact folder's profiles do not cover."""
+
+
+def _side_range(manifest: Manifest, component: str, name: str) -> tuple[int, int, int]:
+    """(smallest side, largest side, largest batch) over the component's profiles."""
+    profiles = manifest.components[component].profiles
+    lo = min(min(p.min[name][2:]) for p in profiles)
+    hi = max(max(p.max[name][2:]) for p in profiles)
+    return lo, hi, max(p.max[name][0] for p in profiles)
+
+
+def _covered(manifest: Manifest, component: str, name: str, shape: tuple[int, ...]) -> bool:
+    return any(
+        all(lo <= s <= hi for s, lo, hi in zip(shape, p.min[name], p.max[name]))
+        for p in manifest.components[component].profiles
+    )
+
+
+def _open_backend(kind: str, folder: Path, device: torch.device) -> Backend:
+    if kind == "tensorrt":
+        from .tensorrt_backend import TensorRTBackend
+
+        return TensorRTBackend(folder, device)
+    manifest = load_manifest(folder)
+    if kind == "torch":
+        return TorchBackend(manifest, device)
+    if kind == "onnxruntime-tensorrt":
+        return OnnxRuntimeBackend(folder, manifest, device, provider="tensorrt")
+    return OnnxRuntimeBackend(folder, manifest, device, provider="cpu" if device.type == "cpu" else "cuda")
+
+
+class Upscaler:
+    """Latent upscaling with the engines (or graphs, or eager models) of one artifact folder."""
+
+    def __init__(self, folder: Path, manifest: Manifest, backend: Backend, skipped: dict[str, str] | None = None):
+        missing = [c for c in PIPELINE if c not in manifest.components]
+        if missing:
+            raise InvalidLatentsError(
+                f"{folder} lacks {', '.join(missing)}; rebuild with: {manifest.rebuild_command}"
+            )
+        self.folder, self.manifest, self.backend = folder, manifest, backend
+        self.skipped_backends = skipped or {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, artifact_dir: str | Path, backend: str = "auto", device: str | torch.device | None = None) -> Upscaler:
+        """Open ``artifact_dir`` (checked against its manifest) with ``backend`` on ``device``.
+
+        ``auto`` takes the first that opens of tensorrt, onnxruntime (CUDA, or CPU) and torch;
+        ``skipped_backends`` says why the ones before it did not.
+        """
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        folder = Path(artifact_dir)
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        manifest = load_manifest(folder)
+        order = [backend] if backend != "auto" else (
+            ["tensorrt", "onnxruntime", "torch"] if device.type == "cuda" else ["onnxruntime", "torch"]
+        )
+        skipped = {}
+        for kind in order:
+            try:
+                return cls(folder, manifest, _open_backend(kind, folder, device), skipped)
+            except BackendUnavailable as exc:
+                if backend != "auto":
+                    raise
+                skipped[kind] = str(exc)
+        raise BackendUnavailable("no backend can run here: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+
+    @property
+    def backend_name(self) -> str:
+        return self.backend.name
+
+    @property
+    def device(self) -> torch.device:
+        return self.backend.device
+
+    def memory_bytes(self) -> int:
+        """Device memory the backend holds (0 on the CPU)."""
+        return self.backend.memory_bytes()
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> Upscaler:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- input checks -------------------------------------------------------------------------
+
+    def _as_tensor(self, latents) -> torch.Tensor:
+        if isinstance(latents, np.ndarray):
+            if self.device.type != "cpu":
+                raise InvalidLatentsError(
+                    f"numpy input is accepted on the CPU only; this upscaler runs on {self.device}: "
+                    "pass a torch tensor on that device"
+                )
+            return torch.from_numpy(latents)
+        if not isinstance(latents, torch.Tensor):
+            raise InvalidLatentsError(f"latents must be a torch.Tensor or numpy array, got {type(latents).__name__}")
+        if latents.device != self.device:
+            raise InvalidLatentsError(
+                f"latents are on {latents.device} but this upscaler runs on {self.device}; move them with .to('{self.device}')"
+            )
+        return latents
+
+    def _check_range(self, component: str, name: str, shape: tuple[int, ...], what: str) -> None:
+        if _covered(self.manifest, component, name, shape):
+            return
+        lo, hi, batch = _side_range(self.manifest, component, name)
+        px = PIXELS_PER_LATENT
+        raise SizeOutOfRangeError(
+            f"{what} of {shape[2]}x{shape[3]} latent pixels ({shape[2] * px}x{shape[3] * px} px) at batch "
+            f"{shape[0]} is outside what {self.folder} was built for: {component} takes sides {lo}..{hi} "
+            f"({lo * px}..{hi * px} px), batch up to {batch}. Rebuild with other --min-px/--max-px/--max-batch: "
+            f"{self.manifest.rebuild_command}"
+        )
+
+    def _unpacked(self, latents, latent_format: str) -> torch.Tensor:
+        if latent_format not in LATENT_FORMATS:
+            raise InvalidLatentsError(f"latent_format must be one of {LATENT_FORMATS}, got {latent_format!r}")
+        x = self._as_tensor(latents)
+        if latent_format == "flux2_packed":
+            if x.dim() != 4 or x.shape[1] != PACKED_CHANNELS:
+                raise InvalidLatentsError(
+                    f"flux2_packed latents must be [batch, {PACKED_CHANNELS}, h, w], got shape {tuple(x.shape)}"
+                )
+            x = unpack(x)
+        elif x.dim() == 4 and x.shape[1] == PACKED_CHANNELS:
+            raise InvalidLatentsError(
+                f"latents have {PACKED_CHANNELS} channels: pass latent_format='flux2_packed' for packed FLUX.2 "
+                f"latents, or unpacked [batch, {LATENT_CHANNELS}, h, w]"
+            )
+        return x
+
+    def _check_decode(self, batch: int, height: int, width: int) -> None:
+        if DECODER not in self.manifest.components:
+            raise InvalidLatentsError(
+                f"decoding needs a vae_decoder in {self.folder}; rebuild with --components cond_encoder unet vae_decoder"
+            )
+        lo, _, max_batch = _side_range(self.manifest, DECODER, "latents")
+        if min(height, width) < lo or batch > max_batch:
+            raise SizeOutOfRangeError(
+                f"decoding {batch}x{height}x{width} latents needs sides of at least {lo} and batch up to "
+                f"{max_batch} (the vae_decoder profile of {self.folder})"
+            )
+
+    def check_input(self, latents, scale: int = 2, decode: bool = False, latent_format: str = "flux2") -> torch.Tensor:
+        """Validate everything before any work; returns the unpacked 32-channel latents."""
+        if scale not in SCALES:
+            raise InvalidLatentsError(f"scale must be one of {SCALES}, got {scale!r}")
+        x = self._unpacked(latents, latent_format)
+        validate_latents(x)
+        b, c, h, w = x.shape
+        for k in range(int(math.log2(scale))):
+            f = 2**k
+            ordinal = ("first", "second", "third")[k]
+            self._check_range("cond_encoder", "latents_small", (b, c, h * f, w * f), f"the {ordinal} pass's input")
+            self._check_range("unet", "sample", (b, c, 2 * h * f, 2 * w * f), f"the {ordinal} pass's output")
+        if decode:
+            self._check_decode(b, h * scale, w * scale)
+        return x
+
+    # -- work ---------------------------------------------------------------------------------
+
+    def _pass(self, latents_small: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        timestep = torch.full((latents_small.shape[0],), TIMESTEP, dtype=torch.float32, device=latents_small.device)
+        encoded = self.backend.run("cond_encoder", {"latents_small": latents_small, "timestep": timestep})
+        noise = pass_noise(generator, latents_small)
+        velocity = self.backend.run("unet", {"sample": noise, **encoded})["velocity"]
+        return noise - velocity.float()
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        profile = self.manifest.components[DECODER].profiles[0]
+        tile = max(profile.max["latents"][2:])
+
+        def run(tile_latents: torch.Tensor) -> torch.Tensor:
+            return self.backend.run(DECODER, {"latents": tile_latents.contiguous()})["image"]
+
+        return decode_tiled(run, latents, tile, tile // TILE_OVERLAP_FRACTION, PIXELS_PER_LATENT)
+
+    def upscale(
+        self,
+        latents,
+        scale: int = 2,
+        seed: int = 0,
+        decode: bool = False,
+        latent_format: str = "flux2",
+    ):
+        """Normalised FLUX.2 latents in, latents ``scale`` times larger out (or images with ``decode``).
+
+        Output: the input's form (packed stays packed; numpy in, numpy out); with ``decode``,
+        images [B, 3, 8H, 8W] fp32, about [-1, 1].
+        """
+        x = self.check_input(latents, scale, decode, latent_format)
+        as_numpy = isinstance(latents, np.ndarray)
+        x = x.float()
+        with self._lock:
+            generator = torch.Generator("cpu").manual_seed(seed)
+            for _ in range(int(math.log2(scale))):
+                x = self._pass(x, generator)
+            out = self._decode(x) if decode else x
+        if not decode and latent_format == "flux2_packed":
+            out = pack(out)
+        return out.numpy() if as_numpy else out
+
+    def decode(self, latents, latent_format: str = "flux2"):
+        """Normalised latents -> images [B, 3, 8H, 8W] fp32, decoded in tiles beyond one profile tile."""
+        x = self._unpacked(latents, latent_format)
+        validate_latents(x)
+        self._check_decode(x.shape[0], x.shape[2], x.shape[3])
+        with self._lock:
+            images = self._decode(x.float())
+        return images.numpy() if isinstance(latents, np.ndarray) else images
