@@ -18,7 +18,12 @@ import onnx
 from onnx import helper
 from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
+MIN_ONNXRUNTIME = "1.32"
 _SMALL_INITIALIZER = 64  # elements; larger ones (weights) only need their shapes for inference
+
+
+class MemoryEstimateError(RuntimeError):
+    """The graph's shapes could not be inferred at the given input shapes."""
 
 
 @dataclass(frozen=True)
@@ -83,7 +88,16 @@ class GraphMemoryModel:
             output.type.tensor_type.ClearField("shape")
         # ONNX's own inference cannot size Resize outputs whose sizes are computed from Shape ops;
         # ONNX Runtime's symbolic inference propagates those values.
-        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=False).graph
+        try:
+            inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=False).graph
+        except Exception as exc:  # its asserts and index errors carry no message of their own
+            import onnxruntime
+
+            raise MemoryEstimateError(
+                f"ONNX Runtime {onnxruntime.__version__} could not infer the graph's shapes at {input_shapes} "
+                f"({type(exc).__name__}); the memory estimate needs onnxruntime >= {MIN_ONNXRUNTIME} "
+                "(older releases mis-size opset-18 Resize): pip install -U onnxruntime"
+            ) from exc
 
         sizes: dict[str, int] = {}
         for value in [*inferred.input, *inferred.value_info, *inferred.output]:

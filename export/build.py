@@ -34,7 +34,7 @@ from engines.manifest import (
     read_manifest,
     sha256_file,
 )
-from engines.memory import GraphMemoryModel
+from engines.memory import GraphMemoryModel, MemoryEstimateError
 from engines.profiles import MAX_BATCH, VAE_TILE_CAP, Profile, ProfileError, pass_profiles, tile_profile
 from engines.targets import PRESETS, TARGET_CHOICES, Target, TargetError, get_target
 from engines.tensorrt_build import (
@@ -506,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{target.memory_budget_bytes / 2**30:.1f} GiB; out {out}", flush=True)
         models, settings.weights = _load_models(args, components)
         manifest = build_artifacts(models, settings, out, log=lambda line: print(line, flush=True))
-    except (CheckpointError, BuildError, ProfileError, TargetError) as exc:
+    except (CheckpointError, BuildError, ProfileError, TargetError, MemoryEstimateError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(_summary(manifest, out))
