@@ -30,6 +30,9 @@ class Backend(ABC):
     def run(self, component: str, inputs: Tensors) -> Tensors:
         """Run ``component`` on ``inputs`` (on ``self.device``); outputs by name, on the same device."""
 
+    def check(self, component: str) -> None:
+        """Raise ``BackendUnavailable`` if ``component`` cannot run here (checked before any work)."""
+
     def memory_bytes(self) -> int:
         """Device memory this backend holds (weights and scratch); 0 when it runs on the host."""
         return 0
@@ -83,17 +86,31 @@ class OnnxRuntimeBackend(Backend):
         options = ort.SessionOptions()
         options.log_severity_level = 3
         provider_options = [{"device_id": device.index or 0}] if provider != "cpu" else None
-        self._sessions = {
-            name: ort.InferenceSession(
-                str(folder / record.onnx_file),
-                sess_options=options,
-                providers=self.PROVIDERS[provider],
-                provider_options=(provider_options * len(self.PROVIDERS[provider])) if provider_options else None,
-            )
-            for name, record in manifest.components.items()
-        }
+        self._sessions, self._unavailable = {}, {}
+        for name, record in manifest.components.items():
+            try:
+                self._sessions[name] = ort.InferenceSession(
+                    str(folder / record.onnx_file),
+                    sess_options=options,
+                    providers=self.PROVIDERS[provider],
+                    provider_options=(provider_options * len(self.PROVIDERS[provider])) if provider_options else None,
+                )
+            except Exception as exc:  # ONNX Runtime raises its own types for graphs it cannot run
+                reason = str(exc).splitlines()[0][-300:].rstrip(".")
+                self._unavailable[name] = (
+                    f"ONNX Runtime ({provider}) cannot run {record.onnx_file} ({record.precision}): {reason}. "
+                    "bf16 graphs need a GPU provider; rebuild with another precision or use the torch backend"
+                )
+        required = [n for n in self._unavailable if n in ("cond_encoder", "unet")]
+        if required:
+            raise BackendUnavailable(self._unavailable[required[0]])
+
+    def check(self, component: str) -> None:
+        if component in self._unavailable:
+            raise BackendUnavailable(self._unavailable[component])
 
     def run(self, component: str, inputs: Tensors) -> Tensors:
+        self.check(component)
         session = self._sessions[component]
         names = [o.name for o in session.get_outputs()]
         if self.device.type == "cpu":

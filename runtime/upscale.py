@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         latents = read_latents(args.input)
         with Upscaler.load(args.artifacts, backend=args.backend, device=args.device) as upscaler:
             latents = latents.to(upscaler.device)
+            upscaler.check_input(latents, args.scale, decode=args.decode is not None, latent_format=args.latent_format)
             out = upscaler.upscale(latents, scale=args.scale, seed=args.seed, latent_format=args.latent_format)
             images = upscaler.decode(out, latent_format=args.latent_format) if args.decode else None
             backend = upscaler.backend_name

@@ -185,9 +185,10 @@ class Upscaler:
 
     def _check_decode(self, batch: int, height: int, width: int) -> None:
         if DECODER not in self.manifest.components:
-            raise InvalidLatentsError(
+            raise BackendUnavailable(
                 f"decoding needs a vae_decoder in {self.folder}; rebuild with --components cond_encoder unet vae_decoder"
             )
+        self.backend.check(DECODER)
         lo, _, max_batch = _side_range(self.manifest, DECODER, "latents")
         if min(height, width) < lo or batch > max_batch:
             raise SizeOutOfRangeError(

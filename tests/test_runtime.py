@@ -217,3 +217,16 @@ def test_cli_missing_artifacts_exits_1(tmp_path, capsys):
     write_latents(tmp_path / "in.safetensors", _latents(1, 32, 8, 8))
     assert main([str(tmp_path / "nowhere"), "--input", str(tmp_path / "in.safetensors"), "--output", str(tmp_path / "o")]) == 1
     assert "has no manifest.json" in capsys.readouterr().err
+
+
+def test_decoder_the_backend_cannot_run_is_refused_before_any_work(upscaler, monkeypatch):
+    from runtime import BackendUnavailable
+
+    monkeypatch.setitem(upscaler.backend._unavailable, "vae_decoder", "ONNX Runtime (cpu) cannot run vae_decoder.bf16.onnx")
+
+    def no_work(*args, **kw):
+        raise AssertionError("the backend ran before the decoder was checked")
+
+    monkeypatch.setattr(upscaler.backend, "run", no_work)
+    with pytest.raises(BackendUnavailable, match="cannot run vae_decoder.bf16.onnx"):
+        upscaler.upscale(_latents(1, 32, 8, 8), decode=True)
