@@ -7,7 +7,6 @@ from collections import Counter
 
 import onnx
 import pytest
-import torch
 
 from export.checkpoint import random_vae, seeded_init
 from export.models import UpscalerUNet
