@@ -85,15 +85,16 @@ class OnnxRuntimeBackend(Backend):
         self.device = device
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        provider_options = [{"device_id": device.index or 0}] if provider != "cpu" else None
+        providers = self.PROVIDERS[provider]
+        provider_options = [{} if p == "CPUExecutionProvider" else {"device_id": device.index or 0} for p in providers]
         self._sessions, self._unavailable = {}, {}
         for name, record in manifest.components.items():
             try:
                 self._sessions[name] = ort.InferenceSession(
                     str(folder / record.onnx_file),
                     sess_options=options,
-                    providers=self.PROVIDERS[provider],
-                    provider_options=(provider_options * len(self.PROVIDERS[provider])) if provider_options else None,
+                    providers=providers,
+                    provider_options=provider_options,
                 )
             except Exception as exc:  # ONNX Runtime raises its own types for graphs it cannot run
                 reason = str(exc).splitlines()[0][-300:].rstrip(".")
