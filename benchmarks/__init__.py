@@ -1,1 +1,1 @@
-"""Latency and memory benchmarks (not built yet)."""
+"""Latency and memory benchmarks: engines vs eager PyTorch, against the FLOP floor."""
