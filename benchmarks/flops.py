@@ -18,7 +18,8 @@ class FlopCounter:
     """Counts FLOPs of a module at any input shapes; keeps one meta copy of the module."""
 
     def __init__(self, module: nn.Module):
-        self._meta = copy.deepcopy(module).to("meta").eval()
+        # fp32 whatever the module's dtype: the count does not depend on it, and inputs are fp32
+        self._meta = copy.deepcopy(module).to("meta", torch.float32).eval()
 
     def count(self, inputs: list[tuple[tuple[int, ...], torch.dtype]]) -> int:
         tensors = [torch.empty(shape, dtype=dtype, device="meta") for shape, dtype in inputs]

@@ -15,6 +15,7 @@ presets), and the speedup over eager fp16 at the same component and size in the 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import shlex
@@ -122,7 +123,8 @@ class EagerRunner:
 
     def _module(self, component: str):
         if component not in self.modules:
-            module = self.models.module(component).to(self.device, self.dtype)
+            # a copy: casting in place would change the shared fp32 models other runners use
+            module = copy.deepcopy(self.models.module(component)).to(self.device, self.dtype)
             self.modules[component] = torch.compile(module) if self.compiled else module
         return self.modules[component]
 

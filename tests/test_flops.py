@@ -48,3 +48,10 @@ def test_full_unet_pass_at_128_output_latent_is_the_published_740_gflop(full_une
     total = FlopCounter(body).count([(s, torch.float32) for s in shapes])
     total += FlopCounter(encoder).count([((1, 32, 64, 64), torch.float32), ((1,), torch.float32)])
     assert round(total / 1e9) == 740  # MODEL.md section 4
+
+
+def test_count_does_not_depend_on_the_module_dtype(small_unet):
+    encoder = ConditioningEncoder(small_unet)
+    inputs = [((1, 32, 8, 8), torch.float32), ((1,), torch.float32)]
+    fp32 = FlopCounter(encoder).count(inputs)
+    assert FlopCounter(ConditioningEncoder(small_unet.half())).count(inputs) == fp32
