@@ -192,7 +192,7 @@ class RuntimeRunner:
 
             return lambda: decode_tiled(decode, z, tile, tile // 4)
         side = low if component == "cond_encoder" else high
-        shapes = _profile_shapes(record, side)
+        shapes = profile_shapes(record, side)
         if shapes is None:
             raise Skip(f"{component} at {side}x{side} latent pixels is outside the folder's profiles")
         fp32 = {"latents_small", "timestep", "sample"}
@@ -204,7 +204,7 @@ class RuntimeRunner:
         return lambda: run(component, inputs)
 
 
-def _profile_shapes(record, side: int) -> dict[str, tuple[int, ...]] | None:
+def profile_shapes(record, side: int) -> dict[str, tuple[int, ...]] | None:
     """Input shapes at ``side`` for batch 1, scaled from the profile whose opt is closest."""
     main = record.inputs[0]
     for profile in record.profiles:
@@ -246,7 +246,7 @@ def _flops(models: Models | None, counters: dict, component: str, size: int) -> 
     return total
 
 
-def _machine(device: torch.device) -> dict:
+def machine_facts(device: torch.device) -> dict:
     facts = {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
              "cpu": platform.processor() or platform.machine(), "cpu_threads": torch.get_num_threads()}
     if device.type == "cuda":
@@ -260,7 +260,7 @@ def _machine(device: torch.device) -> dict:
 
 def run_benchmark(args: argparse.Namespace, log=print) -> dict:
     device = torch.device(args.device)
-    machine = _machine(device)
+    machine = machine_facts(device)
     try:
         models = Models(args.artifacts, ["cond_encoder", "unet", "vae_decoder"])
     except Exception as exc:  # weights not recorded or not reachable: eager rows are skipped
@@ -378,7 +378,7 @@ def plot(result: dict, path: Path, component: str = "pipeline") -> None:
     plt.close(fig)
 
 
-def _csv(choices: tuple[str, ...] | None, cast=str):
+def csv_option(choices: tuple[str, ...] | None, cast=str):
     def parse(text: str):
         values = [cast(v) for v in text.split(",") if v]
         if choices:
@@ -394,15 +394,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.latency", description=__doc__.split("\n\n")[0])
     parser.add_argument("--artifacts", type=Path, required=True, help="artifact folder from python -m export.build")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"))
-    parser.add_argument("--backends", type=_csv(BACKENDS), default=list(BACKENDS), help=",".join(BACKENDS))
-    parser.add_argument("--sizes", type=_csv(None, int), default=[1024, 2048, 4096], help="output sizes in px")
-    parser.add_argument("--components", type=_csv(COMPONENTS), default=list(COMPONENTS), help=",".join(COMPONENTS))
+    parser.add_argument("--backends", type=csv_option(BACKENDS), default=list(BACKENDS), help=",".join(BACKENDS))
+    parser.add_argument("--sizes", type=csv_option(None, int), default=[1024, 2048, 4096], help="output sizes in px")
+    parser.add_argument("--components", type=csv_option(COMPONENTS), default=list(COMPONENTS), help=",".join(COMPONENTS))
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--json", type=Path, help="write the results as JSON")
     parser.add_argument("--markdown", type=Path, help="write a Markdown table")
     parser.add_argument("--plot", type=Path, help="write a PNG plot (latency vs size, log-log)")
     return parser
+
+
+def write_report(result: dict, table: str, json_path: Path | None, markdown_path: Path | None) -> None:
+    """Print the table; write the JSON and Markdown files asked for, each whole or not at all."""
+    print(table)
+    if json_path:
+        with atomic_output(json_path) as partial:
+            partial.write_text(json.dumps(result, indent=2) + "\n")
+    if markdown_path:
+        with atomic_output(markdown_path) as partial:
+            partial.write_text(table)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -422,14 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     result = run_benchmark(args)
-    table = markdown(result)
-    print(table)
-    if args.json:
-        with atomic_output(args.json) as partial:
-            partial.write_text(json.dumps(result, indent=2) + "\n")
-    if args.markdown:
-        with atomic_output(args.markdown) as partial:
-            partial.write_text(table)
+    write_report(result, markdown(result), args.json, args.markdown)
     if args.plot:
         plot(result, args.plot)
     return 0

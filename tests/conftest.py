@@ -8,8 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from export.checkpoint import random_vae, seeded_init
+from engines.targets import PRESETS
+from export.build import BuildSettings, build_artifacts
+from export.checkpoint import load_unet, random_vae, seeded_init
 from export.models import UpscalerUNet
+from export.onnx.components import Models
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 KEYS_JSON = SHARED / "data" / "flow_upscaler_keys.json"
@@ -38,3 +41,24 @@ def small_unet() -> UpscalerUNet:
 @pytest.fixture()
 def small_vae() -> torch.nn.Module:
     return random_vae(seed=0, **SMALL_VAE)
+
+
+@pytest.fixture(scope="session")
+def small_models() -> Models:
+    return Models(unet=load_unet(random_weights=True, seed=0, **SMALL_UNET), vae=random_vae(0, **SMALL_VAE))
+
+
+@pytest.fixture(scope="session")
+def small_artifacts(small_models, tmp_path_factory) -> Path:
+    """fp16 U-Net graphs (what users deploy), fp32 decoder; low-res sides 8..32, samples 16..64.
+
+    Shared by the runtime and benchmark tests, which only read it (a build takes most of a minute).
+    """
+    out = tmp_path_factory.mktemp("small_artifacts")
+    random = {"source": "random", "seed": 0}
+    settings = BuildSettings(
+        target=PRESETS["rtx4090"].with_range(64, 512), precision="fp16", vae_precision="fp32",
+        weights={"unet": random, "vae": random},
+    )
+    build_artifacts(small_models, settings, out, log=lambda line: None)
+    return out

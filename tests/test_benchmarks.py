@@ -1,4 +1,4 @@
-"""``python -m benchmarks.latency`` on the CPU at small sizes (small configuration)."""
+"""``python -m benchmarks.latency`` and ``benchmarks.memory`` on the CPU at small sizes (small configuration)."""
 
 from __future__ import annotations
 
@@ -8,23 +8,13 @@ import pytest
 from PIL import Image
 
 from benchmarks.latency import main
-from engines.targets import PRESETS
-from export.build import BuildSettings, build_artifacts
-from export.checkpoint import load_unet
-from export.onnx.components import Models
-
-from .conftest import SMALL_UNET
-
+from benchmarks.memory import ChainEstimate
+from benchmarks.memory import main as memory_main
+from engines.manifest import load_manifest
 
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench_artifacts")
-    settings = BuildSettings(
-        target=PRESETS["rtx4090"].with_range(64, 512), precision="fp16", vae_precision="fp32",
-        components=("cond_encoder", "unet"), weights={"unet": {"source": "random", "seed": 0}},
-    )
-    build_artifacts(Models(unet=load_unet(random_weights=True, seed=0, **SMALL_UNET)), settings, out, log=lambda line: None)
-    return out
+def artifacts(small_artifacts):
+    return small_artifacts
 
 
 def test_cpu_run_writes_json_markdown_and_png_and_reports_what_it_skipped(artifacts, tmp_path, capsys):
@@ -37,7 +27,8 @@ def test_cpu_run_writes_json_markdown_and_png_and_reports_what_it_skipped(artifa
     assert code == 0
     result = json.loads(paths["json"].read_text())
     rows = {(r["backend"], r["component"], r["size"]): r for r in result["rows"]}
-    assert set(rows) == {(b, c, s) for b in ("eager-fp32", "onnxruntime") for c in ("unet", "pipeline") for s in (256, 512)}
+    components = ("unet", "pipeline", "vae_decoder")
+    assert set(rows) == {(b, c, s) for b in ("eager-fp32", "onnxruntime") for c in components for s in (256, 512)}
     for row in rows.values():
         assert row["p10_ms"] <= row["median_ms"] <= row["p90_ms"] and row["runs"] == 2
         assert row["tflops"] == pytest.approx(row["flops"] / (row["median_ms"] * 1e-3) / 1e12)
@@ -48,7 +39,8 @@ def test_cpu_run_writes_json_markdown_and_png_and_reports_what_it_skipped(artifa
     reasons = {(s["backend"], s.get("component")): s["reason"] for s in result["skipped"]}
     assert "TensorRT is not installed" in reasons[("tensorrt", None)]
     assert "GPU benchmark" in reasons[("eager-fp16", None)]
-    assert "no vae_decoder" in reasons[("eager-fp32", "vae_decoder")]
+    # one tile each (the profile's tile is 64 latent pixels); the mid-block attention grows faster than the area
+    assert rows[("eager-fp32", "vae_decoder", 512)]["flops"] > 4 * rows[("eager-fp32", "vae_decoder", 256)]["flops"]
     assert result["machine"]["device"] == "cpu" and result["published"]["median_ms"] == 8.09
     table = paths["md"].read_text()
     assert "| eager-fp32 | unet | 512 |" in table and "Different GPUs" not in table
@@ -73,3 +65,35 @@ def test_bad_arguments_exit_2(artifacts, capsys, argv, message):
 def test_missing_artifacts_exit_1(tmp_path, capsys):
     assert main(["--artifacts", str(tmp_path), "--device", "cpu"]) == 1
     assert "has no manifest.json" in capsys.readouterr().err
+
+
+def test_memory_benchmark_estimates_every_stage_of_the_chain_on_cpu(artifacts, tmp_path):
+    paths = {k: tmp_path / f"memory.{k}" for k in ("json", "md")}
+    code = memory_main([
+        "--artifacts", str(artifacts), "--device", "cpu", "--input-px", "64", "--scale", "8",
+        "--json", str(paths["json"]), "--markdown", str(paths["md"]),
+    ])
+    assert code == 0
+    result = json.loads(paths["json"].read_text())
+    stages = [r["stage"] for r in result["rows"]]
+    assert stages == ["pass 64->128 px", "pass 128->256 px", "pass 256->512 px", "decode 512 px"]
+    estimates = [r["estimate"] for r in result["rows"]]
+    for e in estimates:
+        assert e["total_bytes"] == e["activations_bytes"] + e["weights_bytes"] + e["held_bytes"] > 0
+    # attention-free passes: activations grow with the area, x4 per octave
+    assert 3.5 < estimates[2]["activations_bytes"] / estimates[1]["activations_bytes"] < 4.2
+    # held across the last pass: its fp32 input (32x32) and output (32x64x64) latents
+    assert estimates[2]["held_bytes"] == 4 * 32 * (32 * 32 + 64 * 64)
+    assert result["estimate_peak_bytes"] == max(e["total_bytes"] for e in estimates)
+    assert "measured only on CUDA" in result["skipped"][0]["reason"]
+    assert "inside the goal of 24 GB" in paths["md"].read_text()
+
+
+def test_tiled_decode_estimate_stays_at_one_tile_as_the_image_grows(artifacts):
+    manifest = load_manifest(artifacts)
+    estimate = ChainEstimate(artifacts, manifest)
+    tile_px = estimate.tile_side() * 8
+    small, large = estimate.stage("decode", 2 * tile_px), estimate.stage("decode", 4 * tile_px)
+    assert small["activations_bytes"] == large["activations_bytes"]
+    # the full fp32 image and blend weights grow with the area; the latents too
+    assert large["held_bytes"] == 4 * small["held_bytes"]

@@ -35,22 +35,13 @@ def _rel_l2(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @pytest.fixture(scope="module")
-def models() -> Models:
-    return Models(unet=load_unet(random_weights=True, seed=0, **SMALL_UNET), vae=random_vae(0, **SMALL_VAE))
+def models(small_models) -> Models:
+    return small_models
 
 
 @pytest.fixture(scope="module")
-def artifacts(models, tmp_path_factory):
-    """fp16 U-Net graphs (what users deploy), fp32 decoder; low-res sides 8..32, samples 16..64."""
-    out = tmp_path_factory.mktemp("artifacts")
-    settings = BuildSettings(
-        target=PRESETS["rtx4090"].with_range(64, 512),
-        precision="fp16",
-        vae_precision="fp32",
-        weights={"unet": RANDOM, "vae": RANDOM},
-    )
-    build_artifacts(models, settings, out, log=lambda line: None)
-    return out
+def artifacts(small_artifacts):
+    return small_artifacts
 
 
 @pytest.fixture(scope="module")
