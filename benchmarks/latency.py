@@ -38,6 +38,7 @@ from .flops import FlopCounter
 BACKENDS = ("eager-fp32", "eager-fp16", "eager-bf16", "compile", "onnxruntime", "tensorrt")
 COMPONENTS = ("cond_encoder", "unet", "vae_decoder", "pipeline")
 EAGER_DTYPES = {"eager-fp32": torch.float32, "eager-fp16": torch.float16, "eager-bf16": torch.bfloat16, "compile": torch.float16}
+RUNTIME_BACKENDS = ("onnxruntime", "tensorrt")
 BASELINE = "eager-fp16"
 PUBLISHED = {"size": 1024, "median_ms": 8.09, "gpu": "NVIDIA GeForce RTX 5090", "backend": "eager-fp16",
              "source": "MODEL.md section 4 (CTGMWorkshop benchmark, model in train mode)"}
@@ -307,7 +308,25 @@ def run_benchmark(args: argparse.Namespace, log=print) -> dict:
                 log(f"{backend} {component} {size}: median {row['median_ms']:.2f} ms")
     _derive(rows, machine.get("peak_tflops_fp16"))
     return {"machine": machine, "command": args.command, "rows": rows, "skipped": skipped,
-            "published": PUBLISHED, "schema_version": 1}
+            "overhead": runtime_overhead(rows), "published": PUBLISHED, "schema_version": 1}
+
+
+def runtime_overhead(rows: list[dict]) -> list[dict]:
+    """What ``Upscaler.upscale`` adds to its two graphs: pipeline minus cond_encoder and unet medians.
+
+    Input checks, the seeded CPU noise and its copy, ``x0 = noise - v`` and Python. A difference
+    of medians from one run: noisy where the overhead is small against the run-to-run spread.
+    """
+    medians = {(r["backend"], r["component"], r["size"]): r["median_ms"] for r in rows}
+    overhead = []
+    for (backend, component, size), pipeline in medians.items():
+        parts = [medians.get((backend, part, size)) for part in ("cond_encoder", "unet")]
+        if component != "pipeline" or backend not in RUNTIME_BACKENDS or None in parts:
+            continue
+        extra = pipeline - sum(parts)
+        overhead.append({"backend": backend, "size": size, "pipeline_ms": pipeline, "graphs_ms": sum(parts),
+                         "overhead_ms": extra, "percent": 100 * extra / pipeline})
+    return overhead
 
 
 def _derive(rows: list[dict], peak: float | None) -> None:
@@ -344,6 +363,9 @@ def markdown(result: dict) -> str:
               f"{published['gpu']} ({published['source']})."]
     if measured:
         lines.append(f"Measured here: {measured[0]['median_ms']:.2f} ms on {where}. Different GPUs: not comparable.")
+    for o in result["overhead"]:
+        lines.append(f"Runtime overhead, {o['backend']} at {o['size']} px: {o['overhead_ms']:.2f} ms of "
+                     f"{o['pipeline_ms']:.2f} ms ({o['percent']:.1f} %) outside the two graphs.")
     for s in result["skipped"]:
         lines.append(f"- skipped {s['backend']}" + (f" {s['component']} {s['size']}" if "component" in s else "") + f": {s['reason']}")
     return "\n".join(lines) + "\n"
