@@ -1,1 +1,1 @@
-"""Calibration data, post-training quantization and the accuracy gate (not built yet)."""
+"""Calibration: calibration sets, INT8/FP8 post-training quantization, and the accuracy gate."""

@@ -13,6 +13,8 @@ from dataclasses import dataclass, replace
 
 BUDGET_SHARE = 0.75
 GIB = 1 << 30
+# tensor-core support by compute capability (fp8: Ada and Hopper onwards)
+MIN_COMPUTE_CAPABILITY = {"fp16": (0, 0), "bf16": (8, 0), "int8": (0, 0), "fp8": (8, 9)}
 
 # Resolution range every preset defaults to: 512 px images in, up to 8K px out, across chained
 # 2x passes (512 -> 1024 -> 2048 -> 4096 -> 8192). Pixel sides; latents are 1/8.
@@ -46,12 +48,7 @@ class Target:
     @property
     def precisions(self) -> tuple[str, ...]:
         """Precisions this GPU has tensor-core support for."""
-        supported = ["fp16", "int8"]
-        if self.compute_capability >= (8, 0):
-            supported.insert(1, "bf16")
-        if self.compute_capability >= (8, 9):
-            supported.append("fp8")
-        return tuple(supported)
+        return tuple(p for p, needs in MIN_COMPUTE_CAPABILITY.items() if self.compute_capability >= needs)
 
     @property
     def vae_precision(self) -> str:
@@ -60,9 +57,11 @@ class Target:
 
     def check_precision(self, precision: str) -> None:
         if precision not in self.precisions and precision != "fp32":
+            needs = MIN_COMPUTE_CAPABILITY.get(precision)
+            why = f"{precision} needs compute capability >= {needs[0]}.{needs[1]}; " if needs else ""
             raise TargetError(
                 f"{precision} is not supported on {self.gpu} (compute capability "
-                f"{self.compute_capability[0]}.{self.compute_capability[1]}); "
+                f"{self.compute_capability[0]}.{self.compute_capability[1]}): {why}"
                 f"supported: {', '.join(self.precisions)}"
             )
 

@@ -46,12 +46,19 @@ from engines.tensorrt_build import (
     tensorrt_version,
 )
 
+from calib.accuracy import AccuracyGateError, GraphRunner, measure
+from calib.data import CalibrationError, CalibrationSet, add_calibration_arguments, calibration_from_args, load_calibration_set
+from calib.quantize import DEFAULT_KEEP, KEEP_GROUPS, QUANTIZED_PRECISIONS, QuantizationError, keep_groups, quantize_components
+
 from .checkpoint import CheckpointError, add_weight_arguments, load_unet, load_vae, random_vae, weights_digest
 from .onnx.__main__ import export_and_validate
 from .onnx.components import COMPONENTS, Models
 from .onnx.exporter import OPSET, graph_filename
 
 BUILD_COMPONENTS = ("cond_encoder", "unet", "vae_decoder")
+PASS_COMPONENTS = ("cond_encoder", "unet")
+CPU_GATE_PRECISIONS = ("fp32", "fp16")  # what ONNX Runtime's CPU provider runs
+CALIBRATION_SIZE = 4  # samples: the gate runs each through the fp32 eager model and the graphs
 ONNX_DIR = "onnx"
 ENGINE_DIR = "engines"
 REPORT_NAME = "report.json"
@@ -73,6 +80,14 @@ class BuildSettings:
     require_engines: bool = False
     rebuild_command: str = "python -m export.build"
     weights: dict = field(default_factory=dict)
+    calibration: CalibrationSet | None = None  # None: the seeded fallback, made when first needed
+    keep: tuple[str, ...] = DEFAULT_KEEP
+    seed: int = 0  # of the accuracy gate's pass noise
+
+    def calibration_set(self) -> CalibrationSet:
+        if self.calibration is None:
+            self.calibration = load_calibration_set(size=CALIBRATION_SIZE)
+        return self.calibration
 
     def precision_of(self, component: str) -> str:
         return self.vae_precision if component == "vae_decoder" else self.precision
@@ -176,6 +191,8 @@ class _Builder:
         self.gpu = local_gpu() if self.trt_version else None
         self.blocker = build_blocker(settings.target.compute_capability, self.trt_version, self.gpu)
         self.stages: list[dict] = []
+        self.quantized: dict[str, tuple[str, str, str, dict]] = {}
+        self.accuracy: dict | None = None
         self.digests = {
             needs: weights_digest(getattr(models, needs))
             for needs in {COMPONENTS[c].needs for c in settings.components}
@@ -195,7 +212,61 @@ class _Builder:
         self.stages.append(dict(component=component, stage=stage, seconds=seconds, reused=reused, **facts))
         self.log(f"  {stage}: {'reused (unchanged inputs)' if reused else f'done in {seconds:.1f} s'}")
 
+    def quantize_stage(self) -> None:
+        """INT8/FP8 graphs of both pass components, gated together on the calibration set."""
+        precision, calibration = self.settings.precision, self.settings.calibration_set()
+        model = self.models.unet
+        key = content_key("quantized", precision, self.models.cut, _public_config(model), self.digests["unet"],
+                          self.toolkit, calibration.digest(), sorted(self.settings.keep), self.settings.seed)
+        start = time.perf_counter()
+        self.log(f"cond_encoder + unet ({precision}): calibrating on {len(calibration.samples)} sample(s), "
+                 f"{calibration.source}")
+        files = {c: f"{ONNX_DIR}/{graph_filename(COMPONENTS[c], precision, self.models.cut)}" for c in PASS_COMPONENTS}
+        previous = [self.previous.get(c) for c in PASS_COMPONENTS]
+        if all(p and p.onnx_key == key and p.onnx_file == files[c] and _reusable(self.out, files[c], p.onnx_sha256)
+               for c, p in zip(PASS_COMPONENTS, previous)):
+            self.quantized = {c: (files[c], p.onnx_sha256, key, p.validation) for c, p in zip(PASS_COMPONENTS, previous)}
+            self.accuracy = previous[1].validation.get("accuracy")
+            self._stage("cond_encoder+unet", "quantize", start, reused=True)
+            return
+        try:
+            results, report = quantize_components(self.models, precision, calibration, self.out / ONNX_DIR,
+                                                  self.settings.keep, self.settings.seed, log=self.log)
+        except AccuracyGateError as exc:
+            raise BuildError(f"the {precision} graphs failed the accuracy gate, nothing was written: {exc} "
+                             "Calibrate on real latents (--calib), keep more layers in float (--keep), or "
+                             "build fp16.") from exc
+        except QuantizationError as exc:
+            raise BuildError(str(exc)) from exc
+        self.accuracy = {"calibration": calibration.describe(), **report.to_dict()}
+        validation = {"status": "passed", "gate": "pass accuracy against fp32 eager", "accuracy": self.accuracy,
+                      "quantization": {}}
+        self.quantized = {}
+        for component, result in results.items():
+            entry = dict(validation, quantization=result.to_dict())
+            self.quantized[component] = (files[component], sha256_file(self.out / files[component]), key, entry)
+        self._stage("cond_encoder+unet", "quantize", start, reused=False, accuracy=report.worst)
+
+    def gate_stage(self, records: dict[str, ComponentRecord]) -> None:
+        """Record the pass accuracy of float graphs (quantized ones were gated before they were written)."""
+        if self.accuracy is not None or not set(PASS_COMPONENTS) <= set(records):
+            return
+        precision = self.settings.precision
+        if precision not in CPU_GATE_PRECISIONS:
+            self.accuracy = {"status": "not_run", "reason": f"ONNX Runtime's CPU provider cannot run {precision} graphs"}
+            return
+        start = time.perf_counter()
+        calibration = self.settings.calibration_set()
+        run = GraphRunner({c: self.out / records[c].onnx_file for c in PASS_COMPONENTS})
+        decoder = COMPONENTS["vae_decoder"].module(self.models) if self.models.vae is not None else None
+        report = measure(run, self.models.unet, calibration, precision, decoder=decoder, seed=self.settings.seed)
+        self.log(f"accuracy of one pass ({precision} graphs vs fp32 eager): {report.summary()}")
+        self.accuracy = {"calibration": calibration.describe(), **report.to_dict()}
+        self._stage("cond_encoder+unet", "accuracy", start, reused=False, accuracy=report.worst)
+
     def onnx_stage(self, component: str) -> tuple[str, str, str, dict]:
+        if component in self.quantized:
+            return self.quantized[component]
         spec = COMPONENTS[component]
         precision = self.settings.precision_of(component)
         model = getattr(self.models, spec.needs)
@@ -306,13 +377,19 @@ def build_artifacts(models: Models, settings: BuildSettings, out: Path, log=prin
     check_range(settings.target)
     for component in settings.components:
         settings.target.check_precision(settings.precision_of(component))
+    if settings.precision in QUANTIZED_PRECISIONS and not set(PASS_COMPONENTS) <= set(settings.components):
+        raise BuildError(f"{settings.precision} builds quantize cond_encoder and unet together (the accuracy gate "
+                         "runs the whole pass): add both to --components")
     builder = _Builder(models, settings, out, log)
     if settings.require_engines and builder.blocker:
         raise BuildError(f"--require-engines: engines cannot be built here: {builder.blocker}")
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     try:
+        if settings.precision in QUANTIZED_PRECISIONS:
+            builder.quantize_stage()
         records = {name: builder.component(name) for name in settings.components}
+        builder.gate_stage(records)
     finally:
         shutil.rmtree(out / ONNX_DIR / ".staging", ignore_errors=True)
     manifest = Manifest(
@@ -334,6 +411,7 @@ def build_artifacts(models: Models, settings: BuildSettings, out: Path, log=prin
         "tensorrt_version": builder.trt_version,
         "engines_blocked_by": builder.blocker,
         "stages": builder.stages,
+        "accuracy": builder.accuracy,
         "components": {
             name: {
                 "validation": r.validation,
@@ -368,7 +446,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="GPU preset (%s) or auto (the local GPU)" % ", ".join(PRESETS),
     )
     add_weight_arguments(parser, with_vae=True)
-    parser.add_argument("--precision", choices=("fp16", "bf16"), help="U-Net precision (default: the target's, fp16)")
+    parser.add_argument(
+        "--precision",
+        choices=("fp16", "bf16", *QUANTIZED_PRECISIONS),
+        help="cond_encoder and unet precision (default: the target's, fp16). int8 and fp8 (compute capability "
+        ">= 8.9) quantize on the calibration set and must pass the accuracy gate, or nothing is written",
+    )
     parser.add_argument(
         "--vae-precision",
         choices=("fp32", "fp16", "bf16"),
@@ -386,7 +469,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--require-engines", action="store_true", help="fail unless TensorRT engines can be built on this machine"
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of --random-weights")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --random-weights and of the gate's pass noise")
+    parser.add_argument("--keep", type=keep_groups, default=list(DEFAULT_KEEP),
+                        help=f"int8/fp8: node groups kept in float, comma-separated {','.join(KEEP_GROUPS)}, or none "
+                             "(default: all)")
+    add_calibration_arguments(parser, default_size=CALIBRATION_SIZE)
     return parser
 
 
@@ -406,6 +493,14 @@ def _rebuild_command(args: argparse.Namespace, target: Target, out: Path) -> str
             words += [flag, str(value)]
     if args.max_batch != MAX_BATCH:
         words += ["--max-batch", str(args.max_batch)]
+    if args.calib:  # the same calibration, so the quantized graphs and their gate are reused
+        words += ["--calib", *map(str, args.calib)]
+    for flag, value, default in (("--calib-size", args.calib_size, CALIBRATION_SIZE), ("--calib-seed", args.calib_seed, 0),
+                                 ("--calib-side", args.calib_side, None)):
+        if value != default:
+            words += [flag, str(value)]
+    if sorted(args.keep) != sorted(DEFAULT_KEEP):
+        words += ["--keep", ",".join(args.keep) or "none"]
     if args.opt_level != 3:
         words += ["--opt-level", str(args.opt_level)]
     return shlex.join(words)
@@ -495,6 +590,8 @@ def main(argv: list[str] | None = None) -> int:
         ),
         require_engines=args.require_engines,
         rebuild_command=_rebuild_command(args, target, out),
+        keep=tuple(args.keep),
+        seed=args.seed,
     )
     try:
         if args.require_engines:
@@ -504,9 +601,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"target {target.name}: {target.gpu}, compute capability "
               f"{target.compute_capability[0]}.{target.compute_capability[1]}, budget "
               f"{target.memory_budget_bytes / 2**30:.1f} GiB; out {out}", flush=True)
+        settings.calibration = calibration_from_args(args)
         models, settings.weights = _load_models(args, components)
         manifest = build_artifacts(models, settings, out, log=lambda line: print(line, flush=True))
-    except (CheckpointError, BuildError, ProfileError, TargetError, MemoryEstimateError) as exc:
+    except (CheckpointError, BuildError, ProfileError, TargetError, MemoryEstimateError, CalibrationError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(_summary(manifest, out))

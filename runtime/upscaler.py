@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +74,15 @@ def _open_backend(kind: str, folder: Path, device: torch.device) -> Backend:
     if kind == "onnxruntime-tensorrt":
         return OnnxRuntimeBackend(folder, manifest, device, provider="tensorrt")
     return OnnxRuntimeBackend(folder, manifest, device, provider="cpu" if device.type == "cpu" else "cuda")
+
+
+def run_pass(run: Callable[[str, dict], dict], latents_small: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One 2x pass through ``run(component, inputs) -> outputs`` (a backend's, or any graphs')."""
+    timestep = torch.full((latents_small.shape[0],), TIMESTEP, dtype=torch.float32, device=latents_small.device)
+    encoded = run("cond_encoder", {"latents_small": latents_small, "timestep": timestep})
+    noise = pass_noise(generator, latents_small)
+    velocity = run("unet", {"sample": noise, **encoded})["velocity"]
+    return noise - velocity.float()
 
 
 class Upscaler:
@@ -215,11 +225,7 @@ class Upscaler:
     # -- work ---------------------------------------------------------------------------------
 
     def _pass(self, latents_small: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        timestep = torch.full((latents_small.shape[0],), TIMESTEP, dtype=torch.float32, device=latents_small.device)
-        encoded = self.backend.run("cond_encoder", {"latents_small": latents_small, "timestep": timestep})
-        noise = pass_noise(generator, latents_small)
-        velocity = self.backend.run("unet", {"sample": noise, **encoded})["velocity"]
-        return noise - velocity.float()
+        return run_pass(self.backend.run, latents_small, generator)
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         profile = self.manifest.components[DECODER].profiles[0]

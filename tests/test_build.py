@@ -34,7 +34,7 @@ def _models(seed: int = 0) -> Models:
 
 
 def _settings(**overrides) -> BuildSettings:
-    return BuildSettings(target=TARGET, precision="fp16", vae_precision="bf16", **overrides)
+    return BuildSettings(**{"target": TARGET, "precision": "fp16", "vae_precision": "bf16", **overrides})
 
 
 def _files(folder: Path) -> dict[str, float]:
@@ -67,7 +67,7 @@ def test_onnx_only_build_writes_verified_manifest_and_report(built):
     assert set(manifest.weights) == {"unet", "vae"} and "source" not in manifest.weights["unet"]
     assert manifest.weights["unet"]["config"]["base_channels"] == 32 and len(manifest.weights["vae"]["sha256"]) == 64
     report = json.loads((out / "report.json").read_text())
-    assert {s["stage"] for s in report["stages"]} == {"onnx", "profiles"}
+    assert {s["stage"] for s in report["stages"]} == {"onnx", "profiles", "accuracy"}
     assert not list(out.rglob("*.partial")) and not (out / "onnx" / ".staging").exists()
 
 
@@ -169,3 +169,53 @@ def test_cli_bad_ranges_exit_2(tmp_path, capsys, argv, message):
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_float_builds_record_the_pass_accuracy_in_the_report(built):
+    out, log = built
+    accuracy = json.loads((out / "report.json").read_text())["accuracy"]
+    assert accuracy["precision"] == "fp16" and accuracy["passed"] and len(accuracy["samples"]) == 4
+    assert 0 < accuracy["worst"]["rel_l2"] < 5e-3
+    assert accuracy["worst"]["psnr_db"] > 45  # both outputs decoded by the fp32 eager VAE
+    assert any(line.startswith("accuracy of one pass (fp16 graphs vs fp32 eager)") for line in log)
+
+
+def test_int8_build_quantizes_gates_and_reuses(tmp_path):
+    settings = _settings(precision="int8", components=("cond_encoder", "unet"))
+    log: list[str] = []
+    manifest = build_artifacts(_models(), settings, tmp_path, log=log.append)
+    for name in ("cond_encoder", "unet"):
+        record = manifest.components[name]
+        assert record.precision == "int8" and record.onnx_file == f"onnx/{name}.int8.onnx"
+        assert record.validation["accuracy"]["passed"] and record.validation["quantization"]["quantized_nodes"] > 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert 1e-4 < report["accuracy"]["worst"]["rel_l2"] <= 0.06
+    assert report["accuracy"]["calibration"]["source"].startswith("fallback")
+    before = _files(tmp_path)
+    log.clear()
+    build_artifacts(_models(), settings, tmp_path, log=log.append)
+    assert "reused (unchanged inputs)" in log[1]  # the quantize stage, gate included
+    assert {k: v for k, v in _files(tmp_path).items() if k.endswith(".onnx")} == {
+        k: v for k, v in before.items() if k.endswith(".onnx")}
+
+
+def test_int8_build_that_fails_the_gate_writes_nothing(built, tmp_path, monkeypatch):
+    from calib import accuracy
+
+    out = tmp_path / "artifacts"
+    shutil.copytree(built[0], out)
+    before = _files(out)
+    monkeypatch.setitem(accuracy.THRESHOLDS, "int8", accuracy.Thresholds(rel_l2=1e-6, max_abs=1e-6, psnr_db=200))
+    with pytest.raises(BuildError, match=r"failed the accuracy gate, nothing was written: int8 accuracy .* rel-L2"):
+        build_artifacts(_models(), _settings(precision="int8"), out, log=lambda line: None)
+    assert _files(out) == before  # the old fp16 manifest and graphs, untouched; no int8 graph
+    assert load_manifest(out).components["unet"].precision == "fp16"
+
+
+def test_cli_refuses_fp8_below_compute_capability_8_9_and_quantizing_one_component(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--target", "rtx3090", "--random-weights", "--precision", "fp8", "--out", str(tmp_path / "a")])
+    assert exit_info.value.code == 2 and "fp8 needs compute capability >= 8.9" in capsys.readouterr().err
+    with pytest.raises(BuildError, match="quantize cond_encoder and unet together"):
+        build_artifacts(_models(), _settings(precision="int8", components=("unet",)), tmp_path, log=lambda line: None)
+    assert not (tmp_path / "a").exists()

@@ -1,0 +1,335 @@
+"""Post-training quantization of ``cond_encoder`` and ``unet`` to Q/DQ ONNX for strongly typed TensorRT.
+
+Library: ONNX Runtime's ``quantize_static`` in QDQ format. It is already a core dependency, runs
+on the CPU (so CI quantizes and checks real graphs), supports INT8 and FP8 (E4M3), and writes the
+explicit QuantizeLinear/DequantizeLinear pairs that TensorRT's explicit quantization reads. NVIDIA
+ModelOpt targets the same format with TensorRT-specific placement, but brings a large dependency
+tree and mostly helps transformers (SmoothQuant, attention); this U-Net is convolutions only.
+
+What is quantized: the inputs and weights of Conv, Gemm and MatMul nodes, symmetric (zero point 0,
+as TensorRT requires), weights per output channel, activations per tensor, biases left in float.
+Everything else (GroupNorm, SiLU, Resize, residual adds) stays in the graph's float type. Node
+groups kept in float on top (``--keep``), found from the graph's structure, not from names:
+
+- ``first_conv``: the first quantizable node (in graph order) fed by each spatial input: in_conv,
+  and the first FiLM convolution of each of lr1..3;
+- ``last_conv``: the last quantizable node feeding each output: out_conv, the last convolution
+  before each of lr1..3;
+- ``time_embedding``: quantizable nodes that see no spatial input (the timestep MLP and the
+  per-block projections of ``cond``): negligible work, and the most sensitive values (t = 1000).
+
+The float part of the graph is fp32 (calibration needs fp32 graphs). TensorRT runs it in fp32 in a
+strongly typed build; an fp16 float part is future work (see the README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from engines.files import atomic_output
+from engines.targets import PRESETS, TargetError
+from export.checkpoint import add_weight_arguments
+
+from .accuracy import AccuracyGateError, AccuracyReport, GraphRunner, measure
+from .data import CalibrationError, CalibrationSet, add_calibration_arguments, calibration_from_args
+
+QUANTIZED_PRECISIONS = ("int8", "fp8")
+COMPONENTS = ("cond_encoder", "unet")
+QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
+KEEP_GROUPS = ("first_conv", "last_conv", "time_embedding")
+DEFAULT_KEEP = KEEP_GROUPS
+FP8_OPSET = 19  # float8 QuantizeLinear/DequantizeLinear
+
+
+class QuantizationError(RuntimeError):
+    """Quantization could not run; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    component: str
+    precision: str
+    path: Path
+    quantized_nodes: int
+    kept: dict[str, list[str]]
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return {"component": self.component, "precision": self.precision, "file": self.path.name,
+                "quantized_nodes": self.quantized_nodes, "kept": self.kept, "seconds": round(self.seconds, 2)}
+
+
+def _rank(value: onnx.ValueInfoProto) -> int:
+    return len(value.type.tensor_type.shape.dim)
+
+
+def kept_nodes(model: onnx.ModelProto, groups: Iterable[str]) -> dict[str, list[str]]:
+    """Names of the quantizable nodes in each keep group (see the module docstring)."""
+    groups = list(groups)
+    unknown = sorted(set(groups) - set(KEEP_GROUPS))
+    if unknown:
+        raise QuantizationError(f"unknown keep group(s) {', '.join(unknown)}; choose from {', '.join(KEEP_GROUPS)}")
+    graph = model.graph
+    nodes = list(graph.node)
+    candidates = [i for i, n in enumerate(nodes) if n.op_type in QUANTIZED_OPS]
+    producer = {out: i for i, n in enumerate(nodes) for out in n.output}
+
+    def descendants(start: set[str]) -> set[int]:
+        reached, tensors = set(), set(start)
+        for i, node in enumerate(nodes):  # graph nodes are topologically sorted
+            if any(name in tensors for name in node.input):
+                reached.add(i)
+                tensors.update(node.output)
+        return reached
+
+    def ancestors(output: str) -> set[int]:
+        reached, stack = set(), [output]
+        while stack:
+            i = producer.get(stack.pop())
+            if i is not None and i not in reached:
+                reached.add(i)
+                stack.extend(nodes[i].input)
+        return reached
+
+    spatial_inputs = [v.name for v in graph.input if _rank(v) == 4]
+    found: dict[str, set[int]] = {}
+    if "first_conv" in groups:
+        found["first_conv"] = {min((i for i in candidates if i in descendants({name})), default=None)
+                               for name in spatial_inputs} - {None}
+    if "last_conv" in groups:
+        found["last_conv"] = {max((i for i in candidates if i in ancestors(o.name)), default=None)
+                              for o in graph.output} - {None}
+    if "time_embedding" in groups:
+        spatial = descendants(set(spatial_inputs))
+        found["time_embedding"] = {i for i in candidates if i not in spatial}
+    return {group: sorted(nodes[i].name for i in found[group]) for group in groups}
+
+
+def _named(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Every node named, uniquely: the quantizer excludes nodes by name."""
+    seen: set[str] = set()
+    for index, node in enumerate(model.graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{index}"
+        seen.add(node.name)
+    return model
+
+
+def calibration_inputs(component: str, models, calibration: CalibrationSet, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """Each sample's fp32 inputs of ``component`` in one pass: the eager encoder feeds the U-Net."""
+    from export.onnx.components import COMPONENTS as SPECS
+    from runtime.latents import TIMESTEP, pass_noise
+
+    encoder = SPECS["cond_encoder"].module(models)
+    feeds = []
+    for index, latents in enumerate(calibration.samples):
+        timestep = torch.full((latents.shape[0],), TIMESTEP)
+        if component == "cond_encoder":
+            feeds.append({"latents_small": latents.numpy(), "timestep": timestep.numpy()})
+            continue
+        with torch.inference_mode():
+            encoded = encoder(latents, timestep)
+        noise = pass_noise(torch.Generator("cpu").manual_seed(seed + index), latents)
+        names = SPECS["cond_encoder"].outputs
+        feeds.append({"sample": noise.numpy(), **{n: t.float().numpy() for n, t in zip(names, encoded)}})
+    return feeds
+
+
+class _Reader:
+    """ONNX Runtime's calibration data reader interface over prepared feeds."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]):
+        self._feeds = iter(feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._feeds, None)
+
+
+def quantize_graph(
+    fp32_graph: Path,
+    out: Path,
+    component: str,
+    precision: str,
+    feeds: list[dict[str, np.ndarray]],
+    keep: Iterable[str] = DEFAULT_KEEP,
+) -> QuantizeResult:
+    """Calibrate ``fp32_graph`` on ``feeds`` and write its Q/DQ form to ``out`` (atomically)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if precision not in QUANTIZED_PRECISIONS:
+        raise QuantizationError(f"precision must be one of {', '.join(QUANTIZED_PRECISIONS)}, got {precision!r}")
+    start = time.perf_counter()
+    model = _named(onnx.load(str(fp32_graph)))
+    kept = kept_nodes(model, keep)
+    if precision == "fp8":
+        model = _with_opset(model, FP8_OPSET)
+    quant_type = QuantType.QInt8 if precision == "int8" else QuantType.QFLOAT8E4M3FN
+    work = out.parent / f".{out.name}.work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        source = work / "fp32.onnx"
+        onnx.save(model, str(source))
+        level = logging.getLogger().level
+        logging.getLogger().setLevel(logging.ERROR)  # the quantizer warns about pre-processing on every call
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # and its histogram calibrator prints progress
+                quantize_static(
+                    str(source), str(work / "qdq.onnx"), _Reader(feeds),
+                    quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=list(QUANTIZED_OPS),
+                    per_channel=True,
+                    activation_type=quant_type,
+                    weight_type=quant_type,
+                    nodes_to_exclude=sorted({n for names in kept.values() for n in names}),
+                    calibrate_method=CalibrationMethod.MinMax if precision == "int8" else CalibrationMethod.Distribution,
+                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False},
+                )
+        finally:
+            logging.getLogger().setLevel(level)
+        quantized = onnx.load(str(work / "qdq.onnx"))
+        count = sum(1 for n in quantized.graph.node if n.op_type == "DequantizeLinear")
+        if count == 0:
+            raise QuantizationError(f"{component}: no node was quantized (every quantizable node is kept in float)")
+        with atomic_output(out) as partial:
+            onnx.save(quantized, str(partial))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    quantized_nodes = sum(1 for n in model.graph.node if n.op_type in QUANTIZED_OPS) - len(
+        {n for names in kept.values() for n in names})
+    return QuantizeResult(component, precision, out, quantized_nodes, kept, time.perf_counter() - start)
+
+
+def _with_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
+    current = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    if current >= version:
+        return model
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            opset.version = version  # 18 -> 19 changes no op this graph uses except Q/DQ's float8 types
+    return model
+
+def quantize_components(
+    models,
+    precision: str,
+    calibration: CalibrationSet,
+    out: Path,
+    keep: Iterable[str] = DEFAULT_KEEP,
+    seed: int = 0,
+    log=print,
+) -> tuple[dict[str, QuantizeResult], AccuracyReport]:
+    """Export both pass components in fp32, quantize them, gate the pass, and only then write them.
+
+    The graphs are staged beside ``out``; if the gate fails they are deleted and
+    ``AccuracyGateError`` carries the numbers, so ``out`` never holds a graph that failed.
+    """
+    from export.onnx.components import COMPONENTS as SPECS
+    from export.onnx.exporter import export_component, graph_filename
+
+    staging = out / ".staging-quantize"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    results = {}
+    try:
+        for component in COMPONENTS:
+            spec = SPECS[component]
+            start = time.perf_counter()
+            fp32 = export_component(spec, models, "fp32", staging / graph_filename(spec, "fp32", models.cut)).path
+            feeds = calibration_inputs(component, models, calibration, seed)
+            results[component] = quantize_graph(
+                fp32, staging / graph_filename(spec, precision, models.cut), component, precision, feeds, keep)
+            log(f"  {component}: {results[component].quantized_nodes} nodes quantized to {precision}, kept in float: "
+                + ", ".join(f"{g} {len(n)}" for g, n in results[component].kept.items())
+                + f" ({time.perf_counter() - start:.1f} s)")
+        decoder = SPECS["vae_decoder"].module(models) if models.vae is not None else None
+        report = measure(GraphRunner({c: r.path for c, r in results.items()}), models.unet, calibration,
+                         precision, decoder=decoder, seed=seed)
+        log(f"  {report.summary()}")
+        report.check()
+        out.mkdir(parents=True, exist_ok=True)
+        for component, result in results.items():
+            final = out / result.path.name
+            os.replace(result.path, final)
+            results[component] = replace(result, path=final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return results, report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m calib.quantize",
+        description="Quantize cond_encoder and unet to INT8 or FP8 Q/DQ ONNX (ONNX Runtime static quantization, "
+                    "symmetric, per-channel weights) on a calibration set, then gate one 2x pass against the fp32 "
+                    "eager model. Writes OUT/cond_encoder.<precision>.onnx, OUT/unet.<precision>.onnx and "
+                    "OUT/quantize.<precision>.json only if the gate passes; exit 1 with the numbers if it fails.",
+    )
+    parser.add_argument("--precision", required=True, choices=QUANTIZED_PRECISIONS)
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--target", choices=sorted(PRESETS), help="GPU preset: refuse a precision it cannot run "
+                        "(fp8 needs compute capability >= 8.9)")
+    parser.add_argument("--keep", type=keep_groups, default=list(DEFAULT_KEEP),
+                        help=f"node groups kept in float: comma-separated {','.join(KEEP_GROUPS)}, or none "
+                             f"(default: all)")
+    add_weight_arguments(parser, with_vae=True)
+    parser.add_argument("--seed", type=int, default=0, help="seed of --random-weights and of the pass noise")
+    parser.add_argument("--decoded-psnr", action="store_true",
+                        help="also decode both outputs with the fp32 VAE and gate the PSNR (loads the VAE)")
+    add_calibration_arguments(parser)
+    return parser
+
+
+def keep_groups(text: str) -> list[str]:
+    groups = [] if text == "none" else [g for g in text.split(",") if g]
+    bad = sorted(set(groups) - set(KEEP_GROUPS))
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown {', '.join(bad)}; choose from {', '.join(KEEP_GROUPS)} or none")
+    return groups
+
+
+def main(argv: list[str] | None = None) -> int:
+    from export.checkpoint import load_unet, load_vae
+    from export.onnx.components import Models
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.target:
+        try:
+            PRESETS[args.target].check_precision(args.precision)
+        except TargetError as exc:
+            parser.error(str(exc))
+    try:
+        calibration = calibration_from_args(args)
+        models = Models(unet=load_unet(args.checkpoint, random_weights=args.random_weights, seed=args.seed))
+        if args.decoded_psnr:
+            models.vae = load_vae(args.vae, random_weights=args.random_weights, seed=args.seed)
+        print(f"calibration: {calibration.describe()['source']}, {len(calibration.samples)} sample(s)")
+        results, report = quantize_components(models, args.precision, calibration, args.out, args.keep, args.seed)
+    except (CalibrationError, QuantizationError, AccuracyGateError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    summary = {"precision": args.precision, "calibration": calibration.describe(),
+               "graphs": {c: r.to_dict() for c, r in results.items()}, "accuracy": report.to_dict()}
+    with atomic_output(args.out / f"quantize.{args.precision}.json") as partial:
+        partial.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {', '.join(str(r.path) for r in results.values())}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
