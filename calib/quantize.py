@@ -203,16 +203,20 @@ def quantize_graph(
         finally:
             logging.getLogger().setLevel(level)
         quantized = onnx.load(str(work / "qdq.onnx"))
-        count = sum(1 for n in quantized.graph.node if n.op_type == "DequantizeLinear")
+        count = _quantized_nodes(quantized)
         if count == 0:
             raise QuantizationError(f"{component}: no node was quantized (every quantizable node is kept in float)")
         with atomic_output(out) as partial:
             onnx.save(quantized, str(partial))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    quantized_nodes = sum(1 for n in model.graph.node if n.op_type in QUANTIZED_OPS) - len(
-        {n for names in kept.values() for n in names})
-    return QuantizeResult(component, precision, out, quantized_nodes, kept, time.perf_counter() - start)
+    return QuantizeResult(component, precision, out, count, kept, time.perf_counter() - start)
+
+
+def _quantized_nodes(model: onnx.ModelProto) -> int:
+    """Quantizable nodes that read a dequantized tensor: the ones that will run in int8/fp8."""
+    dequantized = {out for n in model.graph.node if n.op_type == "DequantizeLinear" for out in n.output}
+    return sum(1 for n in model.graph.node if n.op_type in QUANTIZED_OPS and dequantized & set(n.input))
 
 
 def _with_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
@@ -221,7 +225,7 @@ def _with_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
         return model
     for opset in model.opset_import:
         if opset.domain in ("", "ai.onnx"):
-            opset.version = version  # 18 -> 19 changes no op this graph uses except Q/DQ's float8 types
+            opset.version = version  # 18 -> 19 only adds types and options: the graph means the same
     return model
 
 def quantize_components(
