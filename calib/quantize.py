@@ -18,8 +18,11 @@ groups kept in float on top (``--keep``), found from the graph's structure, not 
 - ``time_embedding``: quantizable nodes that see no spatial input (the timestep MLP and the
   per-block projections of ``cond``): negligible work, and the most sensitive values (t = 1000).
 
-The float part of the graph is fp32 (calibration needs fp32 graphs). TensorRT runs it in fp32 in a
-strongly typed build; an fp16 float part is future work (see the README).
+The float part (what is not quantized) of an int8 graph is the fp16 export (``export.onnx``'s
+fp16 policy: fp32 time embedding, GroupNorm statistics and boundary tensors), so a strongly typed
+TensorRT build runs it in fp16; Q/DQ scales are fp16 and the opset is raised to 19, which allows
+them. The float part of an fp8 graph stays fp32: ONNX Runtime calibrates fp8 with histograms only,
+and those fail on fp16 tensors ("too many bins for data range").
 """
 
 from __future__ import annotations
@@ -53,7 +56,8 @@ COMPONENTS = ("cond_encoder", "unet")
 QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
 KEEP_GROUPS = ("first_conv", "last_conv", "time_embedding")
 DEFAULT_KEEP = KEEP_GROUPS
-FP8_OPSET = 19  # float8 QuantizeLinear/DequantizeLinear
+QDQ_OPSET = 19  # QuantizeLinear/DequantizeLinear with float16 scales and float8 types
+FLOAT_PART = {"int8": "fp16", "fp8": "fp32"}  # the export precision a quantized graph starts from
 
 
 class QuantizationError(RuntimeError):
@@ -161,29 +165,32 @@ class _Reader:
 
 
 def quantize_graph(
-    fp32_graph: Path,
+    float_graph: Path,
     out: Path,
     component: str,
     precision: str,
     feeds: list[dict[str, np.ndarray]],
     keep: Iterable[str] = DEFAULT_KEEP,
 ) -> QuantizeResult:
-    """Calibrate ``fp32_graph`` on ``feeds`` and write its Q/DQ form to ``out`` (atomically)."""
+    """Calibrate ``float_graph`` on ``feeds`` (fp32; cast to the graph's input types) and write its
+    Q/DQ form to ``out`` (atomically)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if precision not in QUANTIZED_PRECISIONS:
         raise QuantizationError(f"precision must be one of {', '.join(QUANTIZED_PRECISIONS)}, got {precision!r}")
     start = time.perf_counter()
-    model = _named(onnx.load(str(fp32_graph)))
+    model = _named(onnx.load(str(float_graph)))
+    half = {i.name for i in model.graph.input if i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16}
+    feeds = [{name: value.astype(np.float16) if name in half else value for name, value in feed.items()}
+             for feed in feeds]
     kept = kept_nodes(model, keep)
-    if precision == "fp8":
-        model = _with_opset(model, FP8_OPSET)
+    model = _with_opset(model, QDQ_OPSET)
     quant_type = QuantType.QInt8 if precision == "int8" else QuantType.QFLOAT8E4M3FN
     work = out.parent / f".{out.name}.work"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        source = work / "fp32.onnx"
+        source = work / "float.onnx"
         onnx.save(model, str(source))
         level = logging.getLogger().level
         logging.getLogger().setLevel(logging.ERROR)  # the quantizer warns about pre-processing on every call
@@ -237,7 +244,7 @@ def quantize_components(
     seed: int = 0,
     log=print,
 ) -> tuple[dict[str, QuantizeResult], AccuracyReport]:
-    """Export both pass components in fp32, quantize them, gate the pass, and only then write them.
+    """Export both pass components (``FLOAT_PART``), quantize them, gate the pass, and only then write them.
 
     The graphs are staged beside ``out``; if the gate fails they are deleted and
     ``AccuracyGateError`` carries the numbers, so ``out`` never holds a graph that failed.
@@ -245,6 +252,8 @@ def quantize_components(
     from export.onnx.components import COMPONENTS as SPECS
     from export.onnx.exporter import export_component, graph_filename
 
+    if precision not in FLOAT_PART:
+        raise QuantizationError(f"precision must be one of {', '.join(FLOAT_PART)}, got {precision!r}")
     staging = out / ".staging-quantize"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -253,10 +262,11 @@ def quantize_components(
         for component in COMPONENTS:
             spec = SPECS[component]
             start = time.perf_counter()
-            fp32 = export_component(spec, models, "fp32", staging / graph_filename(spec, "fp32", models.cut)).path
+            float_part = FLOAT_PART[precision]
+            graph = export_component(spec, models, float_part, staging / graph_filename(spec, float_part, models.cut)).path
             feeds = calibration_inputs(component, models, calibration, seed)
             results[component] = quantize_graph(
-                fp32, staging / graph_filename(spec, precision, models.cut), component, precision, feeds, keep)
+                graph, staging / graph_filename(spec, precision, models.cut), component, precision, feeds, keep)
             log(f"  {component}: {results[component].quantized_nodes} nodes quantized to {precision}, kept in float: "
                 + ", ".join(f"{g} {len(n)}" for g, n in results[component].kept.items())
                 + f" ({time.perf_counter() - start:.1f} s)")
