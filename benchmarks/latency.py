@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from calib.quantize import FLOAT_PART
 from engines.manifest import ManifestError, load_manifest
 from engines.targets import target_for_device
 from engines.files import atomic_output
@@ -183,7 +184,9 @@ class RuntimeRunner:
             self.upscaler.backend.check(component)
         except BackendUnavailable as exc:
             raise Skip(str(exc)) from exc
-        precision = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(record.precision, torch.float32)
+        # tensors between the graphs travel in the float part's type (a quantized graph's: FLOAT_PART)
+        float_part = FLOAT_PART.get(record.precision, record.precision)
+        precision = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(float_part, torch.float32)
         if component == "vae_decoder":
             z = torch.randn((1, 32, high, high), device=self.device)
             tile = max(record.profiles[0].max["latents"][2:])

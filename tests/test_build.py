@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from engines.manifest import MANIFEST_NAME, load_manifest
 from engines.profiles import ProfileError
@@ -17,6 +18,8 @@ from export.build import BuildError, BuildSettings, build_artifacts, main
 from export.checkpoint import random_vae, seeded_init
 from export.models import UpscalerUNet
 from export.onnx.components import Models
+from export.reference import upscale as reference_upscale
+from runtime import Upscaler
 
 from .conftest import SMALL_UNET, SMALL_VAE
 
@@ -191,6 +194,12 @@ def test_int8_build_quantizes_gates_and_reuses(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert 1e-4 < report["accuracy"]["worst"]["rel_l2"] <= 0.06
     assert report["accuracy"]["calibration"]["source"].startswith("fallback")
+    # the runtime runs the quantized folder, close to the fp32 eager reference
+    latents = torch.randn(1, 32, 8, 12, generator=torch.Generator().manual_seed(3))
+    with Upscaler.load(tmp_path, backend="onnxruntime", device="cpu") as upscaler:
+        got = upscaler.upscale(latents, scale=2, seed=5)
+    expected = reference_upscale(_models().unet, latents, scale=2, seed=5)
+    assert 1e-4 < float((got - expected).norm() / expected.norm()) <= 0.06
     before = _files(tmp_path)
     log.clear()
     build_artifacts(_models(), settings, tmp_path, log=log.append)
