@@ -113,11 +113,11 @@ def kept_nodes(model: onnx.ModelProto, groups: Iterable[str]) -> dict[str, list[
     spatial_inputs = [v.name for v in graph.input if _rank(v) == 4]
     found: dict[str, set[int]] = {}
     if "first_conv" in groups:
-        found["first_conv"] = {min((i for i in candidates if i in descendants({name})), default=None)
-                               for name in spatial_inputs} - {None}
+        fed = [descendants({name}) for name in spatial_inputs]
+        found["first_conv"] = {min((i for i in candidates if i in reached), default=None) for reached in fed} - {None}
     if "last_conv" in groups:
-        found["last_conv"] = {max((i for i in candidates if i in ancestors(o.name)), default=None)
-                              for o in graph.output} - {None}
+        feeding = [ancestors(o.name) for o in graph.output]
+        found["last_conv"] = {max((i for i in candidates if i in reached), default=None) for reached in feeding} - {None}
     if "time_embedding" in groups:
         spatial = descendants(set(spatial_inputs))
         found["time_embedding"] = {i for i in candidates if i not in spatial}
