@@ -104,3 +104,14 @@ def test_tiled_decode_estimate_stays_at_one_tile_as_the_image_grows(artifacts):
     assert small["activations_bytes"] == large["activations_bytes"]
     # the full fp32 image and blend weights grow with the area; the latents too
     assert large["held_bytes"] == 4 * small["held_bytes"]
+
+
+def test_memory_benchmark_bad_arguments(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        memory_main(["--artifacts", str(tmp_path), "--device", "cpu", "--input-px", "1000"])
+    assert exit_info.value.code == 2 and "multiple of 16" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        memory_main(["--artifacts", str(tmp_path), "--device", "cpu", "--scale", "3"])
+    assert exit_info.value.code == 2 and "invalid choice: 3" in capsys.readouterr().err
+    assert memory_main(["--artifacts", str(tmp_path), "--device", "cpu"]) == 1
+    assert "has no manifest.json" in capsys.readouterr().err
