@@ -20,10 +20,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from engines.files import atomic_output
+from runtime.backends import OnnxRuntimeBackend
 from runtime.upscaler import run_pass
 
 from .data import CalibrationError, CalibrationSet, add_calibration_arguments, calibration_from_args
@@ -125,7 +125,8 @@ def measure(
     seed: int = 0,
     device: torch.device | str = "cpu",
 ) -> AccuracyReport:
-    """Compare the candidate ``run`` (a runtime backend's ``run``, or ``GraphRunner``) with fp32 eager."""
+    """Compare the candidate ``run`` (a runtime backend's ``run``: a folder's engines, or any graphs
+    through ``OnnxRuntimeBackend``) with fp32 eager."""
     from export.reference import upscale as reference_upscale
 
     if precision not in THRESHOLDS:
@@ -150,25 +151,9 @@ def measure(
     return report
 
 
-class GraphRunner:
-    """ONNX graphs by component, run in ONNX Runtime on the CPU: the gate's view of a graph file."""
-
-    def __init__(self, graphs: dict[str, Path]):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        self.sessions = {c: ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
-                         for c, p in graphs.items()}
-
-    def __call__(self, component: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        session = self.sessions[component]
-        feeds = {}
-        for arg in session.get_inputs():
-            value = inputs[arg.name].detach().cpu()
-            feeds[arg.name] = value.numpy().astype(np.float16 if arg.type == "tensor(float16)" else np.float32)
-        outputs = session.run(None, feeds)
-        return {arg.name: torch.from_numpy(np.asarray(out)) for arg, out in zip(session.get_outputs(), outputs)}
+def graphs_run(graphs: dict[str, Path]) -> Run:
+    """``run`` of ONNX graph files in ONNX Runtime on the CPU, through the runtime's own backend."""
+    return OnnxRuntimeBackend(graphs, torch.device("cpu")).run
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -48,7 +48,7 @@ from engines.files import atomic_output
 from engines.targets import PRESETS, TargetError
 from export.checkpoint import add_weight_arguments
 
-from .accuracy import AccuracyGateError, AccuracyReport, GraphRunner, measure
+from .accuracy import AccuracyGateError, AccuracyReport, graphs_run, measure
 from .data import CalibrationError, CalibrationSet, add_calibration_arguments, calibration_from_args
 
 QUANTIZED_PRECISIONS = ("int8", "fp8")
@@ -271,7 +271,7 @@ def quantize_components(
                 + ", ".join(f"{g} {len(n)}" for g, n in results[component].kept.items())
                 + f" ({time.perf_counter() - start:.1f} s)")
         decoder = SPECS["vae_decoder"].module(models) if models.vae is not None else None
-        report = measure(GraphRunner({c: r.path for c, r in results.items()}), models.unet, calibration,
+        report = measure(graphs_run({c: r.path for c, r in results.items()}), models.unet, calibration,
                          precision, decoder=decoder, seed=seed)
         log(f"  {report.summary()}")
         report.check()

@@ -69,7 +69,8 @@ class OnnxRuntimeBackend(Backend):
         "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
     }
 
-    def __init__(self, folder: Path, manifest: Manifest, device: torch.device, provider: str = "cpu"):
+    def __init__(self, graphs: dict[str, Path], device: torch.device, provider: str = "cpu"):
+        """``graphs``: ONNX file per component (an artifact folder's, or any staged graphs)."""
         import onnxruntime as ort
 
         available = ort.get_available_providers()
@@ -88,10 +89,10 @@ class OnnxRuntimeBackend(Backend):
         providers = self.PROVIDERS[provider]
         provider_options = [{} if p == "CPUExecutionProvider" else {"device_id": device.index or 0} for p in providers]
         self._sessions, self._unavailable = {}, {}
-        for name, record in manifest.components.items():
+        for name, path in graphs.items():
             try:
                 self._sessions[name] = ort.InferenceSession(
-                    str(folder / record.onnx_file),
+                    str(path),
                     sess_options=options,
                     providers=providers,
                     provider_options=provider_options,
@@ -99,7 +100,7 @@ class OnnxRuntimeBackend(Backend):
             except Exception as exc:  # ONNX Runtime raises its own types for graphs it cannot run
                 reason = str(exc).splitlines()[0][-300:].rstrip(".")
                 self._unavailable[name] = (
-                    f"ONNX Runtime ({provider}) cannot run {record.onnx_file} ({record.precision}): {reason}. "
+                    f"ONNX Runtime ({provider}) cannot run {Path(path).name}: {reason}. "
                     "bf16 graphs need a GPU provider; rebuild with another precision or use the torch backend"
                 )
         required = [n for n in self._unavailable if n in ("cond_encoder", "unet")]

@@ -71,9 +71,10 @@ def _open_backend(kind: str, folder: Path, device: torch.device) -> Backend:
     manifest = load_manifest(folder)
     if kind == "torch":
         return TorchBackend(manifest, device)
+    graphs = {name: folder / record.onnx_file for name, record in manifest.components.items()}
     if kind == "onnxruntime-tensorrt":
-        return OnnxRuntimeBackend(folder, manifest, device, provider="tensorrt")
-    return OnnxRuntimeBackend(folder, manifest, device, provider="cpu" if device.type == "cpu" else "cuda")
+        return OnnxRuntimeBackend(graphs, device, provider="tensorrt")
+    return OnnxRuntimeBackend(graphs, device, provider="cpu" if device.type == "cpu" else "cuda")
 
 
 def run_pass(run: Callable[[str, dict], dict], latents_small: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

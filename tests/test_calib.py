@@ -10,7 +10,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from calib.accuracy import THRESHOLDS, AccuracyGateError, GraphRunner, measure
+from calib.accuracy import THRESHOLDS, AccuracyGateError, graphs_run, measure
 from calib.accuracy import main as accuracy_main
 from calib.data import CalibrationError, load_calibration_set
 from calib.quantize import kept_nodes, quantize_components
@@ -82,7 +82,7 @@ def test_int8_unet_runs_in_onnxruntime_within_the_documented_bound(small_models,
     worst = report.worst
     assert report.passed and 1e-4 < worst["rel_l2"] <= THRESHOLDS["int8"].rel_l2
     # and an independent run of the written graphs agrees with the report
-    again = measure(GraphRunner({c: r.path for c, r in results.items()}), small_models.unet, calibration, "int8")
+    again = measure(graphs_run({c: r.path for c, r in results.items()}), small_models.unet, calibration, "int8")
     assert again.worst["rel_l2"] == pytest.approx(worst["rel_l2"], rel=1e-6)
 
 
@@ -112,7 +112,7 @@ def test_gate_refuses_a_graph_with_a_wrong_scale(small_models, calibration, int8
     damaged = max(scales, key=lambda i: numpy_helper.to_array(i).size)  # a per-channel weight scale
     damaged.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(damaged) * 8, damaged.name))
     onnx.save(unet, str(tmp_path / "unet.damaged.onnx"))
-    run = GraphRunner({"cond_encoder": results["cond_encoder"].path, "unet": tmp_path / "unet.damaged.onnx"})
+    run = graphs_run({"cond_encoder": results["cond_encoder"].path, "unet": tmp_path / "unet.damaged.onnx"})
     report = measure(run, small_models.unet, calibration, "int8")
     assert not report.passed
     assert report.worst["rel_l2"] > THRESHOLDS["int8"].rel_l2
