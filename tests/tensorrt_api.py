@@ -1,0 +1,370 @@
+"""TensorRT names: the ones our sources use, and the ones the real bindings binaries define.
+
+TensorRT's libraries cannot be installed on CPU machines, so our TensorRT code never runs in CI.
+Instead ``tests/test_tensorrt_api.py`` checks every TensorRT name our code uses against the names
+compiled into the real bindings (``tensorrt_bindings/tensorrt.so`` of the ``tensorrt-cuXX-bindings``
+wheels). Nothing here imitates TensorRT: the names are read from the binaries' bytes.
+
+Name lists, one per TensorRT version, are committed under ``tests/data/tensorrt_api/``; to make one:
+
+    python -m tests.tensorrt_api --write WHEEL [WHEEL...]
+
+Convention for the TensorRT modules (any project module that imports tensorrt). Python cannot tell
+a TensorRT object from another without running the code, so the collector goes by names:
+- import TensorRT only as ``import tensorrt`` or ``import tensorrt as trt``;
+- hold TensorRT objects in variables or attributes whose name, without leading underscores, is one
+  of ``RECEIVERS`` (``engine``, ``self._runtime``, ``state.context``), and give nothing else those
+  names: every attribute read or written on them is checked against the binaries;
+- pass attribute names to ``getattr``/``hasattr`` on TensorRT objects as string literals or
+  module-level string constants. A name probed with ``hasattr`` or ``getattr(..., default)`` is
+  optional in that module (the code copes with its absence): it must exist in at least one
+  TensorRT version, every other name in every version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import re
+import shlex
+import sys
+import zipfile
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LISTS = Path(__file__).resolve().parent / "data" / "tensorrt_api"
+LIBRARY = "tensorrt_bindings/tensorrt.so"
+
+MODULE_ALIASES = frozenset({"trt", "tensorrt"})
+# Names reserved for TensorRT objects in the TensorRT modules (see the convention above).
+RECEIVERS = frozenset({"engine", "context", "runtime", "builder", "network", "parser", "config", "timing_cache"})
+# Module attributes set by the package's Python __init__.py, not by the .so (the wheel test checks
+# that the wheel's __init__.py really assigns them). A chain stops at them: what follows is Python's.
+PYTHON_NAMES = frozenset({"__version__"})
+
+# Whole NUL-terminated identifier strings. Docstrings never match (spaces); C++ mangled symbols
+# (``_Z...``, 3/4 of all identifiers, from the symbol tables) are dropped: pybind names never
+# start with ``_Z``, and they would swell the lists from ~47 KB to ~1.4 MB.
+_IDENTIFIER = re.compile(rb"(?<![^\x00])[A-Za-z_][A-Za-z0-9_]*(?=\x00)")
+_DUNDER = re.compile(r"^__\w+__$")  # Python's protocol names (__init__): overriding them is Python's business
+
+
+def names_in_library(data: bytes) -> set[str]:
+    """Identifier strings of a compiled bindings library, as ``strings`` would show them."""
+    return {m.decode() for m in _IDENTIFIER.findall(data) if not m.startswith(b"_Z")}
+
+
+def names_in_wheel(path: Path) -> set[str]:
+    """The identifier strings of the bindings library inside a ``tensorrt-cuXX-bindings`` wheel."""
+    with zipfile.ZipFile(path) as wheel:
+        return names_in_library(wheel.read(LIBRARY))
+
+
+def python_names_in_wheel(path: Path) -> set[str]:
+    """Names the wheel's ``tensorrt_bindings/__init__.py`` assigns at module level."""
+    with zipfile.ZipFile(path) as wheel:
+        tree = ast.parse(wheel.read("tensorrt_bindings/__init__.py"))
+    return {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)}
+
+
+def is_present(name: str, names: set[str]) -> bool:
+    """True if ``name`` is in the binary: linkers store a string that ends another only once."""
+    return name in names or any(s.endswith(name) for s in names)
+
+
+@dataclass
+class Usage:
+    """TensorRT names our sources use, each with where (``file:line``)."""
+
+    required: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    optional: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    problems: list[str] = field(default_factory=list)  # convention breaks the collector cannot see past
+
+    def all(self) -> set[str]:
+        return set(self.required) | set(self.optional)
+
+
+def _strip(name: str) -> str:
+    """``_runtime`` is a ``runtime``; ``__init__`` stays itself."""
+    return name if _DUNDER.match(name) else name.lstrip("_")
+
+
+def _chain(node: ast.expr) -> list[str]:
+    """An attribute chain's names, root first: ``state.engine.get_tensor_dtype`` -> 3 names.
+
+    A root that is not a name (a call, a subscript) is left out: ``f().context.x`` -> context, x.
+    """
+    names = []
+    while isinstance(node, ast.Attribute):
+        names.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name):
+        names.append(node.id)
+    return names[::-1]
+
+
+def _tensorrt_part(chain: list[str]) -> tuple[str | None, list[str]]:
+    """The chain's first TensorRT root (module alias or receiver) and the names TensorRT resolves after it."""
+    for i, name in enumerate(chain):
+        root = _strip(name)
+        if root in MODULE_ALIASES or root in RECEIVERS:
+            resolved = []
+            for attr in chain[i + 1 :]:
+                if attr in PYTHON_NAMES:
+                    break
+                resolved.append(attr)
+            return root, resolved
+    return None, []
+
+
+class _Collector(ast.NodeVisitor):
+    def __init__(self, where: str, tree: ast.Module):
+        self.where = where
+        self.uses: list[tuple[str, int, bool]] = []  # (name, line, optional)
+        self.problems: list[str] = []
+        self.constants = {
+            t.id: node.value.value
+            for node in tree.body
+            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+            for t in node.targets
+            if isinstance(t, ast.Name)
+        }
+
+    def _use(self, name: str, node: ast.AST, optional: bool = False) -> None:
+        if name not in PYTHON_NAMES:
+            self.uses.append((name, node.lineno, optional))
+
+    def visit_Import(self, node: ast.Import) -> None:
+        for alias in node.names:
+            if alias.name.split(".")[0] == "tensorrt" and (alias.asname or "tensorrt") not in MODULE_ALIASES:
+                self.problems.append(f"{self.where}:{node.lineno}: import tensorrt as {alias.asname} (use trt)")
+
+    def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
+        if (node.module or "").split(".")[0] == "tensorrt":
+            self.problems.append(f"{self.where}:{node.lineno}: from {node.module} import ... (use import tensorrt as trt)")
+
+    def visit_Attribute(self, node: ast.Attribute) -> None:
+        for name in _tensorrt_part(_chain(node))[1]:
+            self._use(name, node)
+        root = node.value
+        while isinstance(root, ast.Attribute):
+            root = root.value
+        self.visit(root)  # chains inside a root call or subscript
+
+    def visit_Call(self, node: ast.Call) -> None:
+        probe = node.func.id if isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr") else None
+        if probe and len(node.args) >= 2:
+            if _tensorrt_part(_chain(node.args[0]))[0] is not None:
+                name, optional = node.args[1], probe == "hasattr" or len(node.args) == 3
+                if isinstance(name, ast.Constant) and isinstance(name.value, str):
+                    self._use(name.value, node, optional)
+                elif isinstance(name, ast.Name) and name.id in self.constants:
+                    self._use(self.constants[name.id], node, optional)
+                else:
+                    self.problems.append(f"{self.where}:{node.lineno}: {probe} on a TensorRT object with a computed name")
+        self.generic_visit(node)
+
+    def visit_ClassDef(self, node: ast.ClassDef) -> None:
+        """TensorRT calls back the methods a subclass of its interface classes defines (phase_start...)."""
+        if any(_tensorrt_part(_chain(base))[0] in MODULE_ALIASES for base in node.bases):
+            for item in node.body:
+                if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)) and not _DUNDER.match(item.name):
+                    self._use(item.name, item)
+        self.generic_visit(node)
+
+
+def _relative(path: Path) -> str:
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def used_names(paths: list[Path]) -> Usage:
+    """The TensorRT names the given sources use, and where.
+
+    Names probed with hasattr/getattr-with-default in a module are optional throughout that module.
+    """
+    usage = Usage()
+    for path in paths:
+        where = _relative(path)
+        tree = ast.parse(path.read_text(), filename=str(path))
+        collector = _Collector(where, tree)
+        collector.visit(tree)
+        probed = {name for name, _, optional in collector.uses if optional}
+        for name, line, _ in collector.uses:
+            places = (usage.optional if name in probed else usage.required)[name]
+            if f"{where}:{line}" not in places:
+                places.append(f"{where}:{line}")
+        usage.problems += collector.problems
+    return usage
+
+
+def imports_tensorrt(tree: ast.AST) -> bool:
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import) and any(a.name.split(".")[0] == "tensorrt" for a in node.names):
+            return True
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "tensorrt":
+            return True
+    return False
+
+
+def project_sources() -> list[Path]:
+    """Every module of the project's packages (tests excluded), so new modules are found too."""
+    packages = sorted(p.parent for p in ROOT.glob("*/__init__.py") if p.parent.name != "tests")
+    return [path for package in packages for path in sorted(package.rglob("*.py"))]
+
+
+def tensorrt_modules() -> list[Path]:
+    """The project modules that import TensorRT: the ones the name check covers."""
+    return [path for path in project_sources() if imports_tensorrt(ast.parse(path.read_text()))]
+
+
+POLYGRAPHY_TRT = "polygraphy.backend.trt"
+
+
+@dataclass(frozen=True)
+class PolygraphyCall:
+    """A call of a ``polygraphy.backend.trt`` callable: ``CreateConfig``, or a method ``Profile.add``."""
+
+    where: str
+    target: str
+    keywords: tuple[str, ...]
+
+
+def _scope_nodes(scope: ast.AST):
+    """The nodes of one function (or module) body, without those of functions nested in it."""
+    for child in ast.iter_child_nodes(scope):
+        yield child
+        if not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            yield from _scope_nodes(child)
+
+
+def polygraphy_calls(paths: list[Path]) -> list[PolygraphyCall]:
+    """Calls of Polygraphy's TensorRT loaders, of their methods, and of loader instances.
+
+    Methods are followed on a direct call (``Profile().add``) or on a name assigned a loader in
+    the same function (``converted = Profile()`` then ``converted.add(...)``, ``create_config(...)``).
+    """
+    calls = []
+    for path in paths:
+        where, tree = _relative(path), ast.parse(path.read_text(), filename=str(path))
+        imported = {
+            alias.asname or alias.name: alias.name
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.module == POLYGRAPHY_TRT
+            for alias in node.names
+        }
+        modules = {POLYGRAPHY_TRT} | {
+            alias.asname
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import)
+            for alias in node.names
+            if alias.name == POLYGRAPHY_TRT and alias.asname
+        }
+
+        def loader(func: ast.expr) -> str | None:
+            chain = _chain(func)
+            if isinstance(func, ast.Name):
+                return imported.get(func.id)
+            if isinstance(func, ast.Attribute) and ".".join(chain[:-1]) in modules:
+                return chain[-1]
+            return None
+
+        for scope in [tree, *(n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)))]:
+            nodes = list(_scope_nodes(scope))
+            bound = {
+                node.targets[0].id: loader(node.value.func)
+                for node in nodes
+                if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+                and isinstance(node.value, ast.Call) and loader(node.value.func)
+            }
+            for node in nodes:
+                if not isinstance(node, ast.Call):
+                    continue
+                func, target = node.func, loader(node.func)
+                if target is None and isinstance(func, ast.Name) and func.id in bound:
+                    target = f"{bound[func.id]}.__call__"
+                elif target is None and isinstance(func, ast.Attribute):
+                    owner = loader(func.value.func) if isinstance(func.value, ast.Call) else None
+                    owner = owner or (bound.get(func.value.id) if isinstance(func.value, ast.Name) else None)
+                    target = f"{owner}.{func.attr}" if owner else None
+                if target:
+                    keywords = tuple(k.arg for k in node.keywords if k.arg is not None)
+                    calls.append(PolygraphyCall(f"{where}:{node.lineno}", target, keywords))
+    return calls
+
+
+def missing(uses: dict[str, list[str]], names: set[str]) -> dict[str, list[str]]:
+    return {name: places for name, places in sorted(uses.items()) if not is_present(name, names)}
+
+
+def describe(absent: dict[str, list[str]]) -> str:
+    return "\n".join(f"  {name}  (used at {', '.join(places)})" for name, places in absent.items())
+
+
+@dataclass(frozen=True)
+class NameList:
+    """A committed name list: the names and the wheel they were read from."""
+
+    path: Path
+    wheel: str
+    sha256: str
+    names: frozenset[str]
+
+    @property
+    def version(self) -> str:
+        return self.wheel.split("-")[1]
+
+
+def load_list(path: Path) -> NameList:
+    header, names = {}, set()
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            key, _, value = line[1:].partition(":")
+            header[key.strip()] = value.strip()
+        elif line:
+            names.add(line)
+    return NameList(path, header["wheel"], header["sha256"], frozenset(names))
+
+
+def committed_lists() -> list[NameList]:
+    return [load_list(path) for path in sorted(LISTS.glob("*.txt"))]
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_list(wheel: Path, command: str) -> Path:
+    dist, version = wheel.name.split("-")[:2]
+    out = LISTS / f"{dist}-{version}.txt"
+    header = [
+        f"# wheel: {wheel.name}",
+        f"# sha256: {sha256(wheel)}",
+        f"# command: {command}",
+        f"# names: whole NUL-terminated strings of {LIBRARY} matching [A-Za-z_][A-Za-z0-9_]*, less C++ mangled symbols (_Z...)",
+    ]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(header + sorted(names_in_wheel(wheel))) + "\n")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.tensorrt_api", description=__doc__.splitlines()[0])
+    parser.add_argument("--write", nargs="+", type=Path, required=True, metavar="WHEEL", help="tensorrt-cuXX-bindings wheels")
+    args = parser.parse_args(argv)
+    command = shlex.join(["python", "-m", "tests.tensorrt_api", *(sys.argv[1:] if argv is None else argv)])
+    for wheel in args.write:
+        out = write_list(wheel, command)
+        print(f"{out.relative_to(ROOT)}: {len(load_list(out).names)} names, {out.stat().st_size} bytes")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
