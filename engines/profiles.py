@@ -39,15 +39,14 @@ class Profile:
     opt: dict[str, Shape]
     max: dict[str, Shape]
 
+    def admits(self, name: str, shape: Shape) -> bool:
+        """Whether ``shape`` lies inside this profile's min..max box for input ``name``."""
+        lo, hi = self.min.get(name), self.max.get(name)
+        return lo is not None and len(shape) == len(lo) and all(a <= s <= b for s, a, b in zip(shape, lo, hi))
+
     def covers(self, shapes: Shapes) -> bool:
-        """Whether every input shape lies inside this profile's min..max box."""
-        if set(shapes) != set(self.min):
-            return False
-        return all(
-            len(shape) == len(self.min[name])
-            and all(lo <= s <= hi for s, lo, hi in zip(shape, self.min[name], self.max[name]))
-            for name, shape in shapes.items()
-        )
+        """Whether every input's shape is given and lies inside this profile's box."""
+        return set(shapes) == set(self.min) and all(self.admits(n, s) for n, s in shapes.items())
 
     @property
     def max_batch(self) -> int:
@@ -72,11 +71,22 @@ class Profile:
 
 
 def select_profile(profiles: list[Profile], shapes: Shapes) -> int | None:
-    """Index of the profile with the smallest maximum that covers ``shapes`` (None if none does)."""
-    fitting = [i for i, p in enumerate(profiles) if p.covers(shapes)]
-    if not fitting:
+    """Index of the profile with the smallest maximum that covers ``shapes`` (None if none does).
+
+    What the TensorRT backend runs: every input of the engine must be given.
+    """
+    return _smallest([i for i, p in enumerate(profiles) if p.covers(shapes)], profiles)
+
+
+def admitting_profile(profiles: list[Profile], name: str, shape: Shape) -> int | None:
+    """Like ``select_profile`` for one input: what callers that know only the main input check."""
+    return _smallest([i for i, p in enumerate(profiles) if p.admits(name, shape)], profiles)
+
+
+def _smallest(indices: list[int], profiles: list[Profile]) -> int | None:
+    if not indices:
         return None
-    return min(fitting, key=lambda i: sum(_volume(s) for s in profiles[i].max.values()))
+    return min(indices, key=lambda i: sum(_volume(s) for s in profiles[i].max.values()))
 
 
 def _volume(shape: Shape) -> int:

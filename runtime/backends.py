@@ -8,12 +8,15 @@ It knows the artifact folder's components, not the pipeline: chaining, noise and
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import ContextManager
 
 import numpy as np
 import torch
 
-from engines.manifest import Manifest
+from engines.manifest import ComponentRecord, Manifest
 
 Tensors = dict[str, torch.Tensor]
 
@@ -37,8 +40,44 @@ class Backend(ABC):
         """Device memory this backend holds (weights and scratch); 0 when it runs on the host."""
         return 0
 
+    def on_stream(self) -> ContextManager[torch.cuda.Stream | None]:
+        """Run the block on the backend's own CUDA stream, if it has one; yields the caller's stream.
+
+        Work in the block is ordered after the caller's earlier work and before its later work, so a
+        caller (the ``Upscaler``) can run a whole call there. Backends without a stream of their own
+        run on the caller's and yield None.
+        """
+        return nullcontext()
+
     def close(self) -> None:
         """Free what the backend holds; it cannot run afterwards."""
+
+
+class OwnStream:
+    """A backend's CUDA stream, ordered against the caller's current stream with events.
+
+    Entering waits (on the GPU, not the host) for the caller's stream, makes the backend stream
+    current under a device guard, and on exit makes the caller's stream wait for the backend's.
+    One stream for all of a backend's work serialises it on the GPU, so buffers the backend
+    reuses are never written by one call while another call still reads them. Nested scopes are free.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+
+    @contextmanager
+    def scope(self) -> Iterator[torch.cuda.Stream | None]:
+        caller = torch.cuda.current_stream(self.device)
+        if caller == self.stream:
+            yield None
+            return
+        self.stream.wait_stream(caller)
+        try:
+            with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+                yield caller
+        finally:
+            caller.wait_stream(self.stream)
 
 
 def _to_numpy(x: torch.Tensor) -> np.ndarray:
@@ -55,22 +94,93 @@ def _from_numpy(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(x)
 
 
+TENSORRT_PROVIDER = "TensorrtExecutionProvider"
+# ONNX Runtime's TensorRT provider (1.31) builds weakly typed networks: the graph's types are hints,
+# and these flags say which reduced precisions TensorRT may use. The layer-norm fallback keeps
+# normalisation statistics in fp32 where TensorRT recognises them. fp8 Q/DQ graphs need the
+# strongly typed build of the tensorrt backend.
+ORT_TENSORRT_PRECISION = {
+    "fp32": {},
+    "fp16": {"trt_fp16_enable": True, "trt_layer_norm_fp32_fallback": True},
+    "bf16": {"trt_bf16_enable": True, "trt_layer_norm_fp32_fallback": True},
+    "int8": {"trt_int8_enable": True, "trt_fp16_enable": True},
+}
+ORT_TENSORRT_CACHE = "onnxruntime_tensorrt_cache"
+
+
+def _shape_list(shapes: dict[str, tuple[int, ...]]) -> str:
+    return ",".join(f"{name}:{'x'.join(str(s) for s in shape)}" for name, shape in shapes.items())
+
+
+def tensorrt_provider_options(record: ComponentRecord, cache_dir: Path, device_index: int) -> dict:
+    """ONNX Runtime TensorRT provider options for one component of an artifact folder.
+
+    - Engine and timing caches in ``cache_dir``; the engine prefix carries the graph's sha256 (so
+      new weights never load an old engine) and its precision. ONNX Runtime adds the TensorRT,
+      CUDA and ONNX Runtime versions and the compute capability to the file name itself.
+    - One profile spanning all of the manifest's profiles, tuned at the first (the first pass's
+      size): ONNX Runtime 1.31 builds several profiles but runs only the first.
+    """
+    flags = ORT_TENSORRT_PRECISION.get(record.precision)
+    if flags is None:
+        raise BackendUnavailable(
+            f"ONNX Runtime's TensorRT provider cannot build {record.precision} graphs as typed; use the tensorrt backend"
+        )
+    profiles = record.profiles
+    names = list(profiles[0].min)
+    low = {n: tuple(min(dims) for dims in zip(*(p.min[n] for p in profiles))) for n in names}
+    high = {n: tuple(max(dims) for dims in zip(*(p.max[n] for p in profiles))) for n in names}
+    return {
+        "device_id": device_index,
+        "trt_engine_cache_enable": True,
+        "trt_engine_cache_path": str(cache_dir),
+        "trt_engine_cache_prefix": f"{record.name}_{record.precision}_{record.onnx_sha256[:16]}",
+        "trt_timing_cache_enable": True,
+        "trt_timing_cache_path": str(cache_dir),
+        "trt_profile_min_shapes": _shape_list(low),
+        "trt_profile_opt_shapes": _shape_list(profiles[0].opt),
+        "trt_profile_max_shapes": _shape_list(high),
+        **flags,
+    }
+
+
+def require_provider(session, wanted: str, path: Path) -> None:
+    """Refuse a session that does not run on ``wanted``: ONNX Runtime drops a provider that fails
+    to load (TensorRT's libraries missing, another TensorRT major) and carries on without it."""
+    running = session.get_providers()
+    if not running or running[0] != wanted:
+        raise BackendUnavailable(
+            f"ONNX Runtime could not start {wanted} for {Path(path).name} (the session runs on "
+            f"{', '.join(running) or 'nothing'}); its log above says why. The TensorRT provider of "
+            "onnxruntime-gpu 1.31 needs TensorRT 10 (pip install -e '.[trt,gpu]')"
+        )
+
+
 class OnnxRuntimeBackend(Backend):
     """ONNX Runtime sessions on the artifact folder's graphs.
 
     CPU: tensors are shared with numpy, no copies. CUDA / TensorRT execution providers: inputs are
     bound to the torch tensors' device memory with IO binding; outputs are allocated by ONNX
-    Runtime on the device and handed over through DLPack.
+    Runtime on the device and handed over through DLPack. The TensorRT provider runs alone
+    (no CUDA or CPU provider behind it, no fall-back): a session that does not run every node on
+    TensorRT is refused.
     """
 
     PROVIDERS = {
         "cpu": ["CPUExecutionProvider"],
         "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-        "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+        "tensorrt": [TENSORRT_PROVIDER],
     }
 
-    def __init__(self, graphs: dict[str, Path], device: torch.device, provider: str = "cpu"):
-        """``graphs``: ONNX file per component (an artifact folder's, or any staged graphs)."""
+    def __init__(
+        self,
+        graphs: dict[str, Path],
+        device: torch.device,
+        provider: str = "cpu",
+        provider_options: dict[str, dict] | None = None,
+    ):
+        """``graphs``: ONNX file per component (an artifact folder's, or any staged graphs);
+        ``provider_options``: per component, the options of the first provider (TensorRT's)."""
         import onnxruntime as ort
 
         available = ort.get_available_providers()
@@ -82,27 +192,40 @@ class OnnxRuntimeBackend(Backend):
             )
         if (provider == "cpu") != (device.type == "cpu"):
             raise BackendUnavailable(f"the ONNX Runtime {provider} provider cannot run on device {device}")
+        if provider == "tensorrt":
+            try:  # the tensorrt wheel loads libnvinfer from its own folder, where the provider finds it
+                import tensorrt  # noqa: F401
+            except ImportError:
+                pass
         self.name = f"onnxruntime-{provider}"
         self.device = device
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        if provider == "tensorrt":
+            options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
         providers = self.PROVIDERS[provider]
-        provider_options = [{} if p == "CPUExecutionProvider" else {"device_id": device.index or 0} for p in providers]
         self._sessions, self._unavailable = {}, {}
         for name, path in graphs.items():
+            first = (provider_options or {}).get(name, {"device_id": device.index or 0})
+            provider_list = [
+                (p, {} if p == "CPUExecutionProvider" else first if i == 0 else {"device_id": device.index or 0})
+                for i, p in enumerate(providers)
+            ]
             try:
-                self._sessions[name] = ort.InferenceSession(
-                    str(path),
-                    sess_options=options,
-                    providers=providers,
-                    provider_options=provider_options,
+                session = ort.InferenceSession(
+                    str(path), sess_options=options, providers=provider_list, enable_fallback=0
                 )
+                require_provider(session, wanted, path)
+                self._sessions[name] = session
+            except BackendUnavailable as exc:
+                self._unavailable[name] = str(exc)
             except Exception as exc:  # ONNX Runtime raises its own types for graphs it cannot run
                 reason = str(exc).splitlines()[0][-300:].rstrip(".")
-                self._unavailable[name] = (
-                    f"ONNX Runtime ({provider}) cannot run {Path(path).name}: {reason}. "
+                hint = (
                     "bf16 graphs need a GPU provider; rebuild with another precision or use the torch backend"
+                    if provider == "cpu" else "use the tensorrt or torch backend"
                 )
+                self._unavailable[name] = f"ONNX Runtime ({provider}) cannot run {Path(path).name}: {reason}. {hint}"
         required = [n for n in self._unavailable if n in ("cond_encoder", "unet")]
         if required:
             raise BackendUnavailable(self._unavailable[required[0]])
@@ -119,8 +242,10 @@ class OnnxRuntimeBackend(Backend):
             outputs = session.run(names, {k: _to_numpy(v) for k, v in inputs.items()})
             return {n: _from_numpy(o) for n, o in zip(names, outputs)}
         binding = session.io_binding()
+        bound = []  # the bound memory must stay alive until the run ends
         for name, tensor in inputs.items():
             tensor = tensor.contiguous()
+            bound.append(tensor)
             binding.bind_input(
                 name, "cuda", self.device.index or 0, _numpy_dtype(tensor.dtype), tuple(tensor.shape), tensor.data_ptr()
             )

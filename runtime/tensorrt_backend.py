@@ -1,66 +1,148 @@
-"""TensorRT backend: the artifact folder's engines, run with ``execute_async_v3`` on torch memory.
+"""TensorRT backend: engines run with ``execute_async_v3`` on torch memory, on the backend's stream.
 
-- The manifest is checked against the running TensorRT version and GPU before any engine loads.
-- The profile is selected per call: the smallest profile covering the input shapes.
-- Contexts are created with user-managed scratch memory. All engines share one scratch buffer,
-  grown to the largest size the shapes actually run need (not the profile maximum), because the
-  components run one after another.
-- Output buffers are kept per (component, shapes) and reused. An output is valid until the same
-  component runs again at the same shapes; the ``Upscaler`` consumes each output before that.
-- Repeated shapes replay a CUDA graph of the engine launch, with the inputs copied into
-  static buffers. Where capture fails, the shapes fall back to plain launches.
+- ``from_folder`` checks the manifest against the running TensorRT version and GPU before any
+  engine loads; the constructor takes engine files directly (the build gates fresh engines that
+  way, before their manifest exists).
+- One launch per (component, input shapes), each with its own execution context: the context's
+  optimisation profile (the smallest covering the shapes) and input shapes are set once, when the
+  launch is made, and never change. So a CUDA graph captured on a launch's context stays valid,
+  whatever other shapes run in between, and no profile switching happens on the hot path.
+- Contexts use user-managed scratch memory. All launches share one scratch buffer, grown to the
+  largest size the shapes actually run need: ``update_device_memory_size_for_shapes()`` is queried
+  per launch, and returns less than the profile maximum for engines built with the preview feature
+  RUNTIME_ACTIVATION_RESIZE_10_10 (TensorRT >= 10.10; the build sets it where it exists).
+- Launches keep their output buffers: an output is valid until the same component runs again at
+  the same shapes (the ``Upscaler`` consumes it before that). At most ``MAX_LAUNCHES`` launches per
+  engine are kept (least recently used dropped), and ``memory_bytes`` counts their buffers.
+- All work runs on the backend's own CUDA stream, ordered after the caller's stream and before the
+  caller's next work with events (no host synchronisation), inside a device guard.
+- The second run at the same shapes captures a CUDA graph of the launch (inputs copied into static
+  buffers), replayed afterwards. A failed capture is logged, its CUDA error cleared, and the shapes
+  keep plain launches.
+
+TensorRT objects are held only in names (or attributes) called ``engine``, ``context`` or
+``runtime``, and those names hold nothing else: ``tests/test_tensorrt_api.py`` checks every name
+used on them against the real TensorRT 10 and 11 bindings.
 """
 
 from __future__ import annotations
 
+import logging
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from engines.manifest import ManifestError, load_manifest
-from engines.profiles import select_profile
+from engines.profiles import Profile, select_profile
 
-from .backends import Backend, BackendUnavailable, Tensors
+from .backends import Backend, BackendUnavailable, OwnStream, Tensors
+
+logger = logging.getLogger(__name__)
+
+MAX_LAUNCHES = 8  # per engine: a chain to 8x runs 3 shapes per component, a tiled decode 1
 
 
 @dataclass
 class _Launch:
-    """Everything fixed for one component at one set of input shapes."""
+    """One component at one set of input shapes, on a context of its own."""
 
-    profile: int
+    context: object
     outputs: Tensors
     scratch_bytes: int
+    bound_scratch: int | None = None  # the scratch address the context (and graph) were given
+    runs: int = 0
     static_inputs: Tensors | None = None
     graph: torch.cuda.CUDAGraph | None = None
-    graph_scratch: int = 0  # the scratch address baked into ``graph``
-    runs: int = 0
+    capture_failed: bool = False
+
+    def buffer_bytes(self) -> int:
+        tensors = [*self.outputs.values(), *(self.static_inputs or {}).values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 @dataclass
 class _Engine:
     engine: object
-    context: object
-    profiles: list
-    inputs: list[str]
-    outputs: list[str]
-    active_profile: int = -1
-    launches: dict[tuple, _Launch] = field(default_factory=dict)
+    profiles: list[Profile]
+    inputs: dict[str, torch.dtype]
+    outputs: dict[str, torch.dtype]
+    file_bytes: int
+    launches: OrderedDict[tuple, _Launch] = field(default_factory=OrderedDict)
 
 
-def _torch_dtype(trt, dtype) -> torch.dtype:
-    table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16, trt.int32: torch.int32}
-    return table[dtype]
+def _import_tensorrt():
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        raise BackendUnavailable(f"TensorRT is not installed (pip install -e '.[trt]'): {exc}") from exc
+    return trt
+
+
+def _torch_dtypes(trt) -> dict:
+    return {
+        trt.float32: torch.float32,
+        trt.float16: torch.float16,
+        trt.bfloat16: torch.bfloat16,
+        trt.int32: torch.int32,
+        trt.int64: torch.int64,
+    }
+
+
+def _clear_pending_cuda_error(device: torch.device) -> str | None:
+    """Read and clear a pending CUDA error left by a failed capture; returns its message.
+
+    torch has no binding for ``cudaGetLastError``, but its kernel-launch check calls it: a tiny
+    kernel launch raises the pending error once and clears it, so it cannot surface later in an
+    unrelated operation.
+    """
+    try:
+        torch.ones(1, device=device)
+    except RuntimeError as exc:
+        return str(exc).splitlines()[0]
+    return None
 
 
 class TensorRTBackend(Backend):
     name = "tensorrt"
 
-    def __init__(self, folder: Path, device: torch.device, cuda_graphs: bool = True):
-        try:
-            import tensorrt as trt
-        except ImportError as exc:
-            raise BackendUnavailable("TensorRT is not installed (pip install -e '.[trt]')") from exc
+    def __init__(self, engines: dict[str, tuple[Path, list[Profile]]], device: torch.device, cuda_graphs: bool = True):
+        """``engines``: per component, its engine file and the profiles it was built with."""
+        trt = _import_tensorrt()
+        if device.type != "cuda" or not torch.cuda.is_available():
+            raise BackendUnavailable(f"TensorRT needs a CUDA device, got {device}")
+        self._trt = trt
+        self.device = device
+        self._cuda_graphs = cuda_graphs
+        self._stream = OwnStream(device)
+        self._scratch = torch.empty(0, dtype=torch.uint8, device=device)
+        dtypes = _torch_dtypes(trt)
+        self._engines: dict[str, _Engine] = {}
+        with torch.cuda.device(device):
+            tensorrt_logger = trt.Logger(trt.Logger.WARNING)
+            runtime = trt.Runtime(tensorrt_logger)
+            # The engines need their runtime, and the runtime its logger, for as long as they live.
+            self._keep_alive = (tensorrt_logger, runtime)
+            for name, (path, profiles) in engines.items():
+                engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
+                if engine is None:
+                    raise BackendUnavailable(
+                        f"TensorRT could not load {path} (see TensorRT's log above); rebuild the engines"
+                    )
+                tensors = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+                kinds: dict[bool, dict[str, torch.dtype]] = {True: {}, False: {}}
+                for tensor in tensors:
+                    dtype = engine.get_tensor_dtype(tensor)
+                    if dtype not in dtypes:
+                        raise BackendUnavailable(f"{path}: tensor {tensor} has type {dtype}, which this runtime does not handle")
+                    kinds[engine.get_tensor_mode(tensor) == trt.TensorIOMode.INPUT][tensor] = dtypes[dtype]
+                self._engines[name] = _Engine(engine, profiles, kinds[True], kinds[False], Path(path).stat().st_size)
+
+    @classmethod
+    def from_folder(cls, folder: Path, device: torch.device, cuda_graphs: bool = True) -> TensorRTBackend:
+        """The artifact folder's engines, refused unless built by this TensorRT for this GPU."""
+        trt = _import_tensorrt()
         if device.type != "cuda" or not torch.cuda.is_available():
             raise BackendUnavailable(f"TensorRT needs a CUDA device, got {device}")
         props = torch.cuda.get_device_properties(device)
@@ -70,114 +152,145 @@ class TensorRTBackend(Backend):
             )
         except ManifestError as exc:
             raise BackendUnavailable(str(exc)) from exc
-        self._trt = trt
-        self.device = device
-        self._cuda_graphs = cuda_graphs
-        self._scratch = torch.empty(0, dtype=torch.uint8, device=device)
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self._engines: dict[str, _Engine] = {}
-        self._weights_bytes = 0
-        for name, record in manifest.components.items():
-            engine = runtime.deserialize_cuda_engine((folder / record.engine.file).read_bytes())
-            if engine is None:
-                raise BackendUnavailable(f"TensorRT could not load {record.engine.file}; rebuild with: {manifest.rebuild_command}")
-            context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
-            tensors = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-            is_input = {t: engine.get_tensor_mode(t) == trt.TensorIOMode.INPUT for t in tensors}
-            self._engines[name] = _Engine(
-                engine=engine,
-                context=context,
-                profiles=record.profiles,
-                inputs=[t for t in tensors if is_input[t]],
-                outputs=[t for t in tensors if not is_input[t]],
-            )
-            self._weights_bytes += (folder / record.engine.file).stat().st_size
+        engine_files = {}
+        for name, component in manifest.components.items():
+            built = component.engine  # a manifest record, not a TensorRT engine
+            engine_files[name] = (folder / built.file, component.profiles)
+        return cls(engine_files, device, cuda_graphs)
 
-    def _prepare(self, state: _Engine, shapes: dict[str, tuple[int, ...]], stream: int) -> _Launch:
+    def on_stream(self):
+        return self._stream.scope()
+
+    # -- launches -------------------------------------------------------------------------------
+
+    def _check_inputs(self, component: str, state: _Engine, inputs: Tensors) -> Tensors:
+        missing = [n for n in state.inputs if n not in inputs]
+        if missing:
+            raise ValueError(f"{component} needs inputs {', '.join(missing)}")
+        checked = {}
+        for name, dtype in state.inputs.items():
+            tensor = inputs[name]
+            if tensor.dtype != dtype:
+                raise TypeError(f"{component} input {name} is {tensor.dtype}, the engine takes {dtype}")
+            if tensor.device != self.device:
+                raise ValueError(f"{component} input {name} is on {tensor.device}, the engine runs on {self.device}")
+            checked[name] = tensor.contiguous()
+        return checked
+
+    def _new_launch(self, component: str, state: _Engine, shapes: dict[str, tuple[int, ...]]) -> _Launch:
+        trt = self._trt
         profile = select_profile(state.profiles, shapes)
         if profile is None:
-            raise ValueError(f"shapes {shapes} are outside every profile of this engine")
-        context = state.context
-        if state.active_profile != profile:
-            context.set_optimization_profile_async(profile, stream)
-            state.active_profile = profile
+            raise ValueError(f"{component} shapes {shapes} are outside every profile of its engine")
+        context = state.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        if context is None:
+            raise RuntimeError(f"TensorRT could not create an execution context for {component} (see its log above)")
+        if not context.set_optimization_profile_async(profile, self._stream.stream.cuda_stream):
+            raise RuntimeError(f"TensorRT refused optimisation profile {profile} of {component}")
         for name, shape in shapes.items():
-            context.set_input_shape(name, shape)
-        outputs = {
-            name: torch.empty(
-                tuple(context.get_tensor_shape(name)),
-                dtype=_torch_dtype(self._trt, state.engine.get_tensor_dtype(name)),
-                device=self.device,
-            )
-            for name in state.outputs
-        }
-        return _Launch(profile=profile, outputs=outputs, scratch_bytes=int(context.update_device_memory_size_for_shapes()))
+            if not context.set_input_shape(name, shape):
+                raise ValueError(f"TensorRT refused {component} input {name} of shape {shape} (profile {profile})")
+        scratch_bytes = int(context.update_device_memory_size_for_shapes())
+        if scratch_bytes == 0 and state.engine.get_device_memory_size_for_profile_v2(profile) > 0:
+            raise RuntimeError(f"TensorRT could not size the scratch memory of {component} at {shapes}")
+        outputs = {}
+        for name, dtype in state.outputs.items():
+            shape = tuple(context.get_tensor_shape(name))
+            if any(s < 0 for s in shape):
+                raise RuntimeError(f"TensorRT could not infer the shape of {component} output {name} at {shapes}")
+            outputs[name] = torch.empty(shape, dtype=dtype, device=self.device)
+            self._address(context, component, name, outputs[name])
+        return _Launch(context=context, outputs=outputs, scratch_bytes=scratch_bytes)
 
-    def _bind(self, state: _Engine, launch: _Launch, inputs: Tensors, stream: int) -> None:
-        context = state.context
-        if state.active_profile != launch.profile:
-            context.set_optimization_profile_async(launch.profile, stream)
-            state.active_profile = launch.profile
-        for name, tensor in inputs.items():
-            context.set_input_shape(name, tuple(tensor.shape))
-            context.set_tensor_address(name, tensor.data_ptr())
-        for name, tensor in launch.outputs.items():
-            context.set_tensor_address(name, tensor.data_ptr())
+    @staticmethod
+    def _address(context, component: str, name: str, tensor: torch.Tensor) -> None:
+        if not context.set_tensor_address(name, tensor.data_ptr()):
+            raise RuntimeError(f"TensorRT refused the address of {component} tensor {name}")
+
+    def _launch(self, component: str, state: _Engine, shapes: dict[str, tuple[int, ...]]) -> _Launch:
+        key = tuple(shapes.items())
+        launch = state.launches.get(key)
+        if launch is not None:
+            state.launches.move_to_end(key)
+            return launch
+        if len(state.launches) >= MAX_LAUNCHES:
+            # The dropped context or graph may still be running on the stream: wait before freeing.
+            self._stream.stream.synchronize()
+            _, dropped = state.launches.popitem(last=False)
+            logger.debug("dropped the %s launch at %s (more than %d shapes)", component, key, MAX_LAUNCHES)
+            del dropped
+        launch = state.launches[key] = self._new_launch(component, state, shapes)
+        return launch
+
+    def _bind_scratch(self, launch: _Launch) -> None:
         if self._scratch.numel() < launch.scratch_bytes:
             self._scratch = torch.empty(launch.scratch_bytes, dtype=torch.uint8, device=self.device)
-        context.set_device_memory(self._scratch.data_ptr(), self._scratch.numel())
+        address = self._scratch.data_ptr()
+        if launch.bound_scratch != address:
+            launch.context.set_device_memory(address, self._scratch.numel())
+            launch.bound_scratch = address
+            launch.graph, launch.runs = None, 1  # a graph records the old address: capture again
 
-    def _execute(self, state: _Engine, stream: int) -> None:
-        if not state.context.execute_async_v3(stream):
-            raise RuntimeError("TensorRT execution failed (see TensorRT's log above)")
+    def _execute(self, component: str, launch: _Launch) -> None:
+        if not launch.context.execute_async_v3(self._stream.stream.cuda_stream):
+            raise RuntimeError(f"TensorRT could not run {component} (see TensorRT's log above)")
 
     def run(self, component: str, inputs: Tensors) -> Tensors:
         state = self._engines[component]
-        inputs = {name: inputs[name].contiguous() for name in state.inputs}
-        shapes = {name: tuple(t.shape) for name, t in inputs.items()}
-        stream = torch.cuda.current_stream(self.device).cuda_stream
-        key = tuple(shapes.items())
-        launch = state.launches.get(key)
-        if launch is None:
-            launch = state.launches[key] = self._prepare(state, shapes, stream)
-        launch.runs += 1
-        if launch.graph is not None and launch.graph_scratch != self._scratch.data_ptr():
-            launch.graph, launch.runs = None, 1  # the shared scratch moved: record again
-        if launch.graph is not None:
+        with self._stream.scope():
+            inputs = self._check_inputs(component, state, inputs)
+            launch = self._launch(component, state, {n: tuple(t.shape) for n, t in inputs.items()})
+            launch.runs += 1
+            self._bind_scratch(launch)
+            if launch.graph is not None:
+                for name, tensor in inputs.items():
+                    launch.static_inputs[name].copy_(tensor)
+                launch.graph.replay()
+                return launch.outputs
+            if self._cuda_graphs and launch.runs >= 2 and not launch.capture_failed:
+                if launch.static_inputs is None:
+                    launch.static_inputs = {name: torch.empty_like(t) for name, t in inputs.items()}
+                for name, tensor in inputs.items():
+                    launch.static_inputs[name].copy_(tensor)
+                inputs = launch.static_inputs
             for name, tensor in inputs.items():
-                launch.static_inputs[name].copy_(tensor)
-            launch.graph.replay()
+                self._address(launch.context, component, name, tensor)
+            self._execute(component, launch)  # also flushes TensorRT's deferred updates before a capture
+            if inputs is launch.static_inputs:
+                self._capture(component, launch)
             return launch.outputs
-        self._bind(state, launch, inputs, stream)
-        self._execute(state, stream)
-        if self._cuda_graphs and launch.runs == 2:
-            self._capture(state, launch, inputs)
-        return launch.outputs
 
-    def _capture(self, state: _Engine, launch: _Launch, inputs: Tensors) -> None:
-        """Record the launch at these shapes once they repeat; plain launches if TensorRT refuses."""
-        static = {name: tensor.clone() for name, tensor in inputs.items()}
+    def _capture(self, component: str, launch: _Launch) -> None:
+        """Record the launch (bound to its static inputs) on the backend's stream."""
         graph = torch.cuda.CUDAGraph()
-        capture_stream = torch.cuda.Stream(self.device)
-        capture_stream.wait_stream(torch.cuda.current_stream(self.device))
         try:
-            with torch.cuda.stream(capture_stream):
-                self._bind(state, launch, static, capture_stream.cuda_stream)
-                self._execute(state, capture_stream.cuda_stream)  # flush deferred updates before capture
-                with torch.cuda.graph(graph, stream=capture_stream):
-                    self._execute(state, capture_stream.cuda_stream)
-        except RuntimeError:
+            # thread_local: other threads of the host application may keep calling CUDA meanwhile.
+            graph.capture_begin(capture_error_mode="thread_local")
+            try:
+                captured = launch.context.execute_async_v3(self._stream.stream.cuda_stream)
+            finally:
+                graph.capture_end()
+            if not captured:
+                raise RuntimeError("execute_async_v3 returned False while capturing")
+        except RuntimeError as exc:
+            pending = _clear_pending_cuda_error(self.device)
+            launch.capture_failed = True
+            logger.warning(
+                "CUDA graph capture of %s failed (%s%s); these shapes keep plain launches",
+                component, str(exc).splitlines()[0], f"; cleared CUDA error: {pending}" if pending else "",
+            )
             return
-        finally:
-            torch.cuda.current_stream(self.device).wait_stream(capture_stream)
-        launch.static_inputs, launch.graph, launch.graph_scratch = static, graph, self._scratch.data_ptr()
+        launch.graph = graph
 
     def memory_bytes(self) -> int:
-        outputs = sum(
-            t.numel() * t.element_size() for s in self._engines.values() for l in s.launches.values() for t in l.outputs.values()
-        )
-        return self._weights_bytes + self._scratch.numel() + outputs
+        """Engine files (about their weights), the shared scratch and every kept launch's buffers."""
+        launches = sum(l.buffer_bytes() for s in self._engines.values() for l in s.launches.values())
+        return sum(s.file_bytes for s in self._engines.values()) + self._scratch.numel() + launches
 
     def close(self) -> None:
+        self._stream.stream.synchronize()
+        for state in self._engines.values():
+            state.launches.clear()
         self._engines.clear()
+        self._keep_alive = None
         self._scratch = torch.empty(0, dtype=torch.uint8, device=self.device)

@@ -46,12 +46,13 @@ def decode_tiled(
 ) -> torch.Tensor:
     """Decode ``latents`` [B, C, H, W] in tiles of at most ``tile`` latent pixels a side.
 
-    ``decode`` maps a latent tile to an image ``scale`` times larger. Returns the blended image.
+    ``decode`` maps a latent tile to an image ``scale`` times larger. Returns the blended image,
+    always a new fp32 tensor: ``decode`` may hand back a buffer its backend reuses.
     """
     batch, _, height, width = latents.shape
     rows, cols = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
     if len(rows) == len(cols) == 1:
-        return decode(latents)
+        return decode(latents).to(torch.float32, copy=True)
     fade = overlap * scale
     image = weights = None
     for top in rows:

@@ -7,7 +7,11 @@ then ``x0 = noise - velocity`` in fp32; 4x and 8x chain passes. Noise follows ``
 Thread safety: one lock per ``Upscaler`` serialises the backend work of concurrent ``upscale``
 calls (TensorRT execution contexts, IO bindings and reused buffers are not re-entrant); input
 checks run outside it and each call has its own generator, so calls from several threads give
-the results they would give alone. For parallel throughput, load one ``Upscaler`` per thread.
+the results they would give alone. A backend with a CUDA stream of its own (TensorRT) runs the
+whole call there, ordered against the calling thread's stream with events, so threads on different
+streams never see a shared buffer in use. For parallel throughput, load one ``Upscaler`` per thread.
+
+Ownership: every tensor returned owns its memory, whatever the backend reuses inside.
 """
 
 from __future__ import annotations
@@ -21,8 +25,16 @@ import numpy as np
 import torch
 
 from engines.manifest import Manifest, load_manifest
+from engines.profiles import admitting_profile
 
-from .backends import Backend, BackendUnavailable, OnnxRuntimeBackend, TorchBackend
+from .backends import (
+    ORT_TENSORRT_CACHE,
+    Backend,
+    BackendUnavailable,
+    OnnxRuntimeBackend,
+    TorchBackend,
+    tensorrt_provider_options,
+)
 from .latents import (
     LATENT_CHANNELS,
     PACKED_CHANNELS,
@@ -56,24 +68,37 @@ def _side_range(manifest: Manifest, component: str, name: str) -> tuple[int, int
     return lo, hi, max(p.max[name][0] for p in profiles)
 
 
-def _covered(manifest: Manifest, component: str, name: str, shape: tuple[int, ...]) -> bool:
-    return any(
-        all(lo <= s <= hi for s, lo, hi in zip(shape, p.min[name], p.max[name]))
-        for p in manifest.components[component].profiles
-    )
+def pass_inputs(batch: int, height: int, width: int, scale: int) -> list[tuple[str, str, tuple[int, ...], str]]:
+    """(component, input, shape, description) of the main input of every engine a chain runs."""
+    checks = []
+    for k in range(int(math.log2(scale))):
+        f, ordinal = 2**k, ("first", "second", "third")[k]
+        checks.append(("cond_encoder", "latents_small", (batch, LATENT_CHANNELS, height * f, width * f),
+                       f"the {ordinal} pass's input"))
+        checks.append(("unet", "sample", (batch, LATENT_CHANNELS, 2 * height * f, 2 * width * f),
+                       f"the {ordinal} pass's output"))
+    return checks
 
 
 def _open_backend(kind: str, folder: Path, device: torch.device) -> Backend:
     if kind == "tensorrt":
         from .tensorrt_backend import TensorRTBackend
 
-        return TensorRTBackend(folder, device)
+        return TensorRTBackend.from_folder(folder, device)
     manifest = load_manifest(folder)
     if kind == "torch":
         return TorchBackend(manifest, device)
     graphs = {name: folder / record.onnx_file for name, record in manifest.components.items()}
     if kind == "onnxruntime-tensorrt":
-        return OnnxRuntimeBackend(graphs, device, provider="tensorrt")
+        if device.type != "cuda":
+            raise BackendUnavailable(f"the ONNX Runtime TensorRT provider needs a CUDA device, got {device}")
+        cache = folder / ORT_TENSORRT_CACHE
+        try:
+            cache.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise BackendUnavailable(f"the ONNX Runtime TensorRT provider needs a writable engine cache {cache}: {exc}") from exc
+        options = {n: tensorrt_provider_options(r, cache, device.index or 0) for n, r in manifest.components.items()}
+        return OnnxRuntimeBackend(graphs, device, provider="tensorrt", provider_options=options)
     return OnnxRuntimeBackend(graphs, device, provider="cpu" if device.type == "cpu" else "cuda")
 
 
@@ -166,7 +191,7 @@ class Upscaler:
         return latents
 
     def _check_range(self, component: str, name: str, shape: tuple[int, ...], what: str) -> None:
-        if _covered(self.manifest, component, name, shape):
+        if admitting_profile(self.manifest.components[component].profiles, name, shape) is not None:
             return
         lo, hi, batch = _side_range(self.manifest, component, name)
         px = PIXELS_PER_LATENT
@@ -213,12 +238,9 @@ class Upscaler:
             raise InvalidLatentsError(f"scale must be one of {SCALES}, got {scale!r}")
         x = self._unpacked(latents, latent_format)
         validate_latents(x)
-        b, c, h, w = x.shape
-        for k in range(int(math.log2(scale))):
-            f = 2**k
-            ordinal = ("first", "second", "third")[k]
-            self._check_range("cond_encoder", "latents_small", (b, c, h * f, w * f), f"the {ordinal} pass's input")
-            self._check_range("unet", "sample", (b, c, 2 * h * f, 2 * w * f), f"the {ordinal} pass's output")
+        b, _, h, w = x.shape
+        for component, name, shape, what in pass_inputs(b, h, w, scale):
+            self._check_range(component, name, shape, what)
         if decode:
             self._check_decode(b, h * scale, w * scale)
         return x
@@ -253,11 +275,12 @@ class Upscaler:
         x = self.check_input(latents, scale, decode, latent_format)
         as_numpy = isinstance(latents, np.ndarray)
         x = x.float()
-        with self._lock:
+        with self._lock, self.backend.on_stream() as caller:
             generator = torch.Generator("cpu").manual_seed(seed)
             for _ in range(int(math.log2(scale))):
                 x = self._pass(x, generator)
             out = self._decode(x) if decode else x
+            _hand_over(out, caller)
         if not decode and latent_format == "flux2_packed":
             out = pack(out)
         return out.numpy() if as_numpy else out
@@ -267,6 +290,14 @@ class Upscaler:
         x = self._unpacked(latents, latent_format)
         validate_latents(x)
         self._check_decode(x.shape[0], x.shape[2], x.shape[3])
-        with self._lock:
+        with self._lock, self.backend.on_stream() as caller:
             images = self._decode(x.float())
+            _hand_over(images, caller)
         return images.numpy() if isinstance(latents, np.ndarray) else images
+
+
+def _hand_over(tensor: torch.Tensor, caller: torch.cuda.Stream | None) -> None:
+    """Tell the allocator the caller's stream uses ``tensor`` (made on the backend's stream), so its
+    memory is not reused by the backend while the caller's work on it may still be pending."""
+    if caller is not None:
+        tensor.record_stream(caller)

@@ -17,6 +17,7 @@ from export.models import VAEDecoder
 from export.onnx.components import Models
 from export.reference import upscale as reference_upscale
 from runtime import InvalidLatentsError, SizeOutOfRangeError, Upscaler
+from runtime.backends import Backend
 from runtime.latents import pack, read_latents, write_latents
 from runtime.tiling import decode_tiled, tile_starts
 from runtime.upscale import main
@@ -221,3 +222,39 @@ def test_decoder_the_backend_cannot_run_is_refused_before_any_work(upscaler, mon
     monkeypatch.setattr(upscaler.backend, "run", no_work)
     with pytest.raises(BackendUnavailable, match="cannot run vae_decoder.bf16.onnx"):
         upscaler.upscale(_latents(1, 32, 8, 8), decode=True)
+
+
+class ReusingBackend(Backend):
+    """Hands back the same output buffers for every call at the same shapes, as backends with
+    preallocated outputs do (the TensorRT backend among them): not an imitation of TensorRT, a
+    test of the ``Upscaler``'s promise that what it returns owns its memory."""
+
+    def __init__(self, inner: Backend):
+        self.inner, self.name, self.device = inner, "reusing", inner.device
+        self.buffers: dict[tuple, dict[str, torch.Tensor]] = {}
+
+    def check(self, component):
+        self.inner.check(component)
+
+    def run(self, component, inputs):
+        outputs = self.inner.run(component, inputs)
+        key = (component, *((n, tuple(t.shape)) for n, t in inputs.items()))
+        kept = self.buffers.setdefault(key, {n: torch.empty_like(t) for n, t in outputs.items()})
+        for name, tensor in outputs.items():
+            kept[name].copy_(tensor)
+        return kept
+
+
+def test_returned_tensors_own_their_memory_whatever_the_backend_reuses(artifacts, upscaler):
+    reusing = Upscaler(artifacts, upscaler.manifest, ReusingBackend(upscaler.backend))
+    first, second = _latents(1, 32, 8, 8, seed=1), _latents(1, 32, 8, 8, seed=2)
+    calls = [
+        lambda x: reusing.decode(x),  # one tile: the decoder's own output
+        lambda x: reusing.upscale(x, scale=2, seed=0),
+        lambda x: reusing.upscale(x, scale=2, seed=0, decode=True),
+    ]
+    for call in calls:
+        kept = call(first)
+        expected = kept.clone()
+        call(second)
+        assert torch.equal(kept, expected)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engines.manifest import load_manifest
 from engines.tensorrt_build import tensorrt_version
 from runtime import BackendUnavailable, Upscaler
 from runtime.tensorrt_backend import TensorRTBackend
@@ -13,9 +14,47 @@ from runtime.tensorrt_backend import TensorRTBackend
 @pytest.mark.skipif(tensorrt_version() is not None, reason="checks the message given without TensorRT")
 def test_tensorrt_backend_without_tensorrt_says_what_to_install(tmp_path):
     with pytest.raises(BackendUnavailable, match=r"TensorRT is not installed \(pip install -e '.\[trt\]'\)"):
-        TensorRTBackend(tmp_path, torch.device("cpu"))
+        TensorRTBackend.from_folder(tmp_path, torch.device("cpu"))
 
 
 def test_unknown_backend_lists_the_choices(tmp_path):
     with pytest.raises(ValueError, match="backend must be one of auto, tensorrt, onnxruntime, onnxruntime-tensorrt, torch"):
         Upscaler.load(tmp_path, backend="openvino")
+
+
+def test_a_session_that_lost_its_provider_is_refused(small_artifacts):
+    """ONNX Runtime drops a provider that fails to load and runs on what is left: a real session
+    running on the CPU provider must not pass for a TensorRT one."""
+    import onnxruntime as ort
+
+    from runtime.backends import require_provider
+
+    graph = small_artifacts / load_manifest(small_artifacts).components["unet"].onnx_file
+    session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    with pytest.raises(BackendUnavailable, match=r"could not start TensorrtExecutionProvider for unet.fp16.onnx \(the session runs on CPUExecutionProvider\)"):
+        require_provider(session, "TensorrtExecutionProvider", graph)
+    require_provider(session, "CPUExecutionProvider", graph)
+
+
+def test_tensorrt_provider_options_carry_cache_profiles_and_precision(small_artifacts, tmp_path):
+    from runtime.backends import tensorrt_provider_options
+
+    record = load_manifest(small_artifacts).components["unet"]
+    options = tensorrt_provider_options(record, tmp_path, 1)
+    # the three octave profiles of the small build (sample 16..64), as one span tuned at the first
+    assert options["trt_profile_min_shapes"] == "sample:1x32x16x16,cond:1x64,lr1:1x32x8x8,lr2:1x32x4x4,lr3:1x32x2x2"
+    assert options["trt_profile_opt_shapes"] == "sample:1x32x16x16,cond:1x64,lr1:1x32x8x8,lr2:1x32x4x4,lr3:1x32x2x2"
+    assert options["trt_profile_max_shapes"] == "sample:4x32x64x64,cond:4x64,lr1:4x32x32x32,lr2:4x32x16x16,lr3:4x32x8x8"
+    assert options["device_id"] == 1 and options["trt_engine_cache_path"] == str(tmp_path)
+    assert options["trt_engine_cache_enable"] is True and options["trt_timing_cache_path"] == str(tmp_path)
+    assert options["trt_engine_cache_prefix"] == f"unet_fp16_{record.onnx_sha256[:16]}"
+    assert options["trt_fp16_enable"] is True and "trt_bf16_enable" not in options
+    record.precision = "fp8"
+    with pytest.raises(BackendUnavailable, match="cannot build fp8 graphs as typed; use the tensorrt backend"):
+        tensorrt_provider_options(record, tmp_path, 0)
+
+
+def test_onnxruntime_tensorrt_on_the_cpu_is_refused_before_any_session(small_artifacts):
+    with pytest.raises(BackendUnavailable, match="needs a CUDA device, got cpu"):
+        Upscaler.load(small_artifacts, backend="onnxruntime-tensorrt", device="cpu")
+    assert not (small_artifacts / "onnxruntime_tensorrt_cache").exists()
