@@ -1,8 +1,21 @@
 """TensorRT engine build through Polygraphy: strongly typed, profiled, with a timing cache.
 
-The only module that imports TensorRT, and only when a build is asked for. Precision lives in
-the ONNX graph (fp16/bf16 weights and casts), so no precision builder flags are ever set:
+The only build module that imports TensorRT, and only when a build is asked for. Precision lives
+in the ONNX graph (fp16/bf16 weights and casts), so no precision builder flags are ever set:
 TensorRT 10 gets the STRONGLY_TYPED network flag, TensorRT 11 is always strongly typed.
+
+Two builder settings are decided here rather than left to defaults:
+- TF32 is off unless asked for (``BuildOptions.tf32``): where a graph says fp32 (an fp32 VAE, the
+  float islands of fp8 graphs) it means fp32, and the accuracy gate's fp32 limits assume it.
+  TensorRT enables TF32 by default and Polygraphy clears it by default; we say which in the
+  manifest either way.
+- The preview feature RUNTIME_ACTIVATION_RESIZE_10_10 (TensorRT >= 10.10), so the runtime's
+  ``update_device_memory_size_for_shapes()`` sizes scratch for the shapes actually run instead of
+  each profile's maximum.
+
+TensorRT objects are held in variables named ``builder``, ``network``, ``parser``, ``config``,
+``engine`` and ``timing_cache``: ``tests/test_tensorrt_api.py`` checks every name used on them
+against the real TensorRT 10 and 11 bindings.
 """
 
 from __future__ import annotations
@@ -33,13 +46,22 @@ class EngineBuildError(RuntimeError):
     """A TensorRT build that failed, with TensorRT's own error lines attached."""
 
 
+# Lets update_device_memory_size_for_shapes() shrink activation memory to the shapes set.
+ACTIVATION_RESIZE_FEATURE = "RUNTIME_ACTIVATION_RESIZE_10_10"
+
+
 @dataclass(frozen=True)
 class BuildOptions:
     optimization_level: int = 3
     workspace_bytes: int | None = None
+    tf32: bool = False  # let fp32 layers use TF32 (TensorRT's default is on; ours is off, see above)
 
     def to_dict(self) -> dict:
-        return {"optimization_level": self.optimization_level, "workspace_bytes": self.workspace_bytes}
+        return {
+            "optimization_level": self.optimization_level,
+            "workspace_bytes": self.workspace_bytes,
+            "tf32": self.tf32,
+        }
 
 
 @dataclass(frozen=True)
@@ -111,6 +133,12 @@ def _progress_monitor(trt, report: Callable[[str], None]):
     return Progress()
 
 
+def _preview_features(trt) -> list:
+    """The preview features we enable that this TensorRT has (older 10.x lack the resize one)."""
+    feature = getattr(trt.PreviewFeature, ACTIVATION_RESIZE_FEATURE, None)
+    return [feature] if feature is not None else []
+
+
 def _polygraphy_profile(profile: Profile):
     from polygraphy.backend.trt import Profile as PolygraphyProfile
 
@@ -148,10 +176,13 @@ def build_engine(
 
     network_loader = _network_loader(trt, onnx_path)
     limits = {trt.MemoryPoolType.WORKSPACE: options.workspace_bytes} if options.workspace_bytes else None
+    preview_features = _preview_features(trt)
     create_config = CreateConfig(
+        tf32=options.tf32,
         profiles=[_polygraphy_profile(p) for p in profiles],
         builder_optimization_level=options.optimization_level,
         memory_pool_limits=limits,
+        preview_features=preview_features,
         load_timing_cache=str(timing_cache_path) if timing_cache_path.exists() else None,
         progress_monitor=_progress_monitor(trt, report),
     )
@@ -163,8 +194,8 @@ def build_engine(
             builder, network, parser = network_loader()
             config = create_config(builder, network)
             engine_bytes = EngineBytesFromNetwork((builder, network, parser), config)()
-            cache = config.get_timing_cache()
-            cache_bytes = bytes(cache.serialize()) if cache is not None else None
+            timing_cache = config.get_timing_cache()
+            cache_bytes = bytes(timing_cache.serialize()) if timing_cache is not None else None
         except Exception as exc:
             raise _explain_failure(exc, log_path.read_text(errors="replace") if log_path.exists() else "", component) from exc
         finally:
@@ -176,7 +207,12 @@ def build_engine(
     if cache_bytes:
         with atomic_output(timing_cache_path) as partial:
             partial.write_bytes(cache_bytes)
-    return {"build_seconds": round(seconds, 1), **_engine_memory(engine_bytes, len(profiles))}
+    return {
+        "build_seconds": round(seconds, 1),
+        "tf32": options.tf32,
+        "preview_features": [ACTIVATION_RESIZE_FEATURE] if preview_features else [],
+        **_engine_memory(engine_bytes, len(profiles)),
+    }
 
 
 def _engine_memory(engine_bytes, num_profiles: int) -> dict:

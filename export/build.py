@@ -35,9 +35,18 @@ from engines.manifest import (
     sha256_file,
 )
 from engines.memory import GraphMemoryModel, MemoryEstimateError
-from engines.profiles import MAX_BATCH, VAE_TILE_CAP, Profile, ProfileError, pass_profiles, tile_profile
+from engines.profiles import (
+    MAX_BATCH,
+    VAE_TILE_CAP,
+    Profile,
+    ProfileError,
+    admitting_profile,
+    pass_profiles,
+    tile_profile,
+)
 from engines.targets import PRESETS, TARGET_CHOICES, Target, TargetError, get_target
 from engines.tensorrt_build import (
+    ACTIVATION_RESIZE_FEATURE,
     BuildOptions,
     EngineBuildError,
     build_blocker,
@@ -47,7 +56,13 @@ from engines.tensorrt_build import (
 )
 
 from calib.accuracy import AccuracyGateError, graphs_run, measure
-from calib.data import CalibrationError, CalibrationSet, add_calibration_arguments, calibration_from_args, load_calibration_set
+from calib.data import (
+    CalibrationError,
+    CalibrationSet,
+    add_calibration_arguments,
+    calibration_from_args,
+    load_calibration_set,
+)
 from calib.quantize import DEFAULT_KEEP, KEEP_GROUPS, QUANTIZED_PRECISIONS, QuantizationError, keep_groups, quantize_components
 
 from .checkpoint import CheckpointError, add_weight_arguments, load_unet, load_vae, random_vae, weights_digest
@@ -62,6 +77,8 @@ CALIBRATION_SIZE = 4  # samples: the gate runs each through the fp32 eager model
 ONNX_DIR = "onnx"
 ENGINE_DIR = "engines"
 REPORT_NAME = "report.json"
+GATED_GRAPHS = "onnx graphs on onnxruntime (cpu)"
+GATED_ENGINES = "tensorrt engines (the runtime's tensorrt backend)"
 PIXELS_PER_LATENT = 8
 
 
@@ -238,7 +255,7 @@ class _Builder:
                              "build fp16.") from exc
         except QuantizationError as exc:
             raise BuildError(str(exc)) from exc
-        self.accuracy = {"calibration": calibration.describe(), **report.to_dict()}
+        self.accuracy = {"gated": GATED_GRAPHS, "calibration": calibration.describe(), **report.to_dict()}
         validation = {"status": "passed", "gate": "pass accuracy against fp32 eager", "accuracy": self.accuracy}
         self.quantized = {}
         for component, result in results.items():
@@ -247,8 +264,14 @@ class _Builder:
         self._stage("cond_encoder+unet", "quantize", start, reused=False, accuracy=report.worst)
 
     def gate_stage(self, records: dict[str, ComponentRecord]) -> None:
-        """Record the pass accuracy of float graphs (quantized ones were gated before they were written)."""
-        if self.accuracy is not None or not set(PASS_COMPONENTS) <= set(records):
+        """Gate what will be published: the engines where they were built, else the float graphs
+        (quantized graphs were gated before they were written). Records which in ``accuracy.gated``."""
+        if not set(PASS_COMPONENTS) <= set(records):
+            return
+        if all(records[c].engine.built for c in PASS_COMPONENTS):
+            self._gate_engines(records)
+            return
+        if self.accuracy is not None:
             return
         precision = self.settings.precision
         if precision not in CPU_GATE_PRECISIONS:
@@ -257,11 +280,50 @@ class _Builder:
         start = time.perf_counter()
         calibration = self.settings.calibration_set()
         run = graphs_run({c: self.out / records[c].onnx_file for c in PASS_COMPONENTS})
-        decoder = COMPONENTS["vae_decoder"].module(self.models) if self.models.vae is not None else None
-        report = measure(run, self.models.unet, calibration, precision, decoder=decoder, seed=self.settings.seed)
+        report = measure(run, self.models.unet, calibration, precision, decoder=self._gate_decoder(), seed=self.settings.seed)
         self.log(f"accuracy of one pass ({precision} graphs vs fp32 eager): {report.summary()}")
-        self.accuracy = {"calibration": calibration.describe(), **report.to_dict()}
+        self.accuracy = {"gated": GATED_GRAPHS, "calibration": calibration.describe(), **report.to_dict()}
         self._stage("cond_encoder+unet", "accuracy", start, reused=False, accuracy=report.worst)
+
+    def _gate_decoder(self):
+        return COMPONENTS["vae_decoder"].module(self.models) if self.models.vae is not None else None
+
+    def _gate_engines(self, records: dict[str, ComponentRecord]) -> None:
+        """Run the calibration pass through the new engines (the runtime's TensorRT backend); on
+        failure delete the engines this build made and publish nothing."""
+        from runtime.tensorrt_backend import TensorRTBackend
+
+        precision, calibration = self.settings.precision, self.settings.calibration_set()
+        for sample in calibration.samples:
+            b, _, h, w = sample.shape
+            for component, name, shape in (("cond_encoder", "latents_small", (b, 32, h, w)),
+                                           ("unet", "sample", (b, 32, 2 * h, 2 * w))):
+                if admitting_profile(records[component].profiles, name, shape) is None:
+                    raise BuildError(f"calibration sample of {h}x{w} latent pixels is outside the engines' profiles; "
+                                     "use calibration latents inside the build's range (--calib, --calib-side)")
+        start = time.perf_counter()
+        engines = {c: (self.out / records[c].engine.file, records[c].profiles) for c in PASS_COMPONENTS}
+        backend = TensorRTBackend(engines, torch.device("cuda", 0))
+        try:
+            report = measure(backend.run, self.models.unet, calibration, precision, decoder=self._gate_decoder(),
+                             seed=self.settings.seed, device=backend.device)
+        finally:
+            backend.close()
+        self.log(f"accuracy of one pass ({precision} TensorRT engines vs fp32 eager): {report.summary()}")
+        graphs = self.accuracy if self.accuracy and "passed" in self.accuracy else None
+        self.accuracy = {"gated": GATED_ENGINES, "calibration": calibration.describe(), **report.to_dict()}
+        if graphs is not None:
+            self.accuracy["graphs"] = graphs
+        self._stage("cond_encoder+unet", "engine accuracy", start, reused=False, accuracy=report.worst)
+        if not report.passed:
+            published = {r.engine.file for r in self.previous.values()}
+            for component in PASS_COMPONENTS:
+                if records[component].engine.file not in published:
+                    (self.out / records[component].engine.file).unlink(missing_ok=True)
+            raise BuildError(
+                f"the {precision} TensorRT engines failed the accuracy gate and were deleted; the folder keeps its "
+                f"previous manifest. {report.summary()}. Build another precision, or keep more layers in float (--keep)."
+            )
 
     def onnx_stage(self, component: str) -> tuple[str, str, str, dict]:
         if component in self.quantized:
@@ -294,7 +356,7 @@ class _Builder:
         capability = "%d.%d" % self.gpu.compute_capability
         key = content_key(
             onnx_sha, precision, [p.to_dict() for p in profiles], self.trt_version, capability,
-            self.settings.options.to_dict(),
+            self.settings.options.to_dict(), ACTIVATION_RESIZE_FEATURE,
         )
         relative = f"{ENGINE_DIR}/{component}.{precision}.{target.sm}.trt{self.trt_version}.{key}.plan"
         start = time.perf_counter()
@@ -465,6 +527,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-batch", type=int, default=MAX_BATCH, help="batch limit of every profile (default: %(default)s)")
     parser.add_argument("--opt-level", type=int, default=3, choices=range(6), help="TensorRT builder optimisation level")
     parser.add_argument("--workspace-gib", type=float, help="TensorRT workspace memory limit (default: TensorRT's)")
+    parser.add_argument("--tf32", action="store_true",
+                        help="let TensorRT run fp32 layers (an fp32 VAE, fp8 graphs' float parts) in TF32: faster, "
+                             "about fp16's precision. Default: true fp32, recorded in the manifest")
     parser.add_argument(
         "--require-engines", action="store_true", help="fail unless TensorRT engines can be built on this machine"
     )
@@ -502,6 +567,8 @@ def _rebuild_command(args: argparse.Namespace, target: Target, out: Path) -> str
         words += ["--keep", ",".join(args.keep) or "none"]
     if args.opt_level != 3:
         words += ["--opt-level", str(args.opt_level)]
+    if args.tf32:
+        words.append("--tf32")
     return shlex.join(words)
 
 
@@ -586,6 +653,7 @@ def main(argv: list[str] | None = None) -> int:
         options=BuildOptions(
             optimization_level=args.opt_level,
             workspace_bytes=int(args.workspace_gib * 2**30) if args.workspace_gib else None,
+            tf32=args.tf32,
         ),
         require_engines=args.require_engines,
         rebuild_command=_rebuild_command(args, target, out),
@@ -593,14 +661,16 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
     )
     try:
-        if args.require_engines:
-            blocker = build_blocker(target.compute_capability, tensorrt_version(), local_gpu())
-            if blocker:
-                raise BuildError(f"--require-engines: engines cannot be built here: {blocker}")
+        blocker = build_blocker(target.compute_capability, tensorrt_version(), local_gpu())
+        if args.require_engines and blocker:
+            raise BuildError(f"--require-engines: engines cannot be built here: {blocker}")
         print(f"target {target.name}: {target.gpu}, compute capability "
               f"{target.compute_capability[0]}.{target.compute_capability[1]}, budget "
               f"{target.memory_budget_bytes / 2**30:.1f} GiB; out {out}", flush=True)
-        settings.calibration = calibration_from_args(args)
+        # Engines are gated on their own profiles, which start at the smallest input; ONNX Runtime takes any size.
+        settings.calibration = calibration_from_args(
+            args, min_side=0 if blocker else target.min_input_px // PIXELS_PER_LATENT
+        )
         models, settings.weights = _load_models(args, components)
         manifest = build_artifacts(models, settings, out, log=lambda line: print(line, flush=True))
     except (CheckpointError, BuildError, ProfileError, TargetError, MemoryEstimateError, CalibrationError) as exc:

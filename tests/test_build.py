@@ -12,9 +12,9 @@ import torch
 from engines.manifest import MANIFEST_NAME, load_manifest
 from engines.profiles import ProfileError
 from engines.targets import PRESETS
-from engines.tensorrt_build import tensorrt_version
+from engines.tensorrt_build import BuildOptions, tensorrt_version
 from export import build
-from export.build import BuildError, BuildSettings, build_artifacts, main
+from export.build import BuildError, BuildSettings, _rebuild_command, build_artifacts, build_parser, main
 from export.checkpoint import random_vae, seeded_init
 from export.models import UpscalerUNet
 from export.onnx.components import Models
@@ -178,6 +178,7 @@ def test_float_builds_record_the_pass_accuracy_in_the_report(built):
     out, log = built
     accuracy = json.loads((out / "report.json").read_text())["accuracy"]
     assert accuracy["precision"] == "fp16" and accuracy["passed"] and len(accuracy["samples"]) == 4
+    assert accuracy["gated"] == "onnx graphs on onnxruntime (cpu)"  # no engines here: the graphs were gated
     assert 0 < accuracy["worst"]["rel_l2"] < 5e-3
     assert accuracy["worst"]["psnr_db"] > 45  # both outputs decoded by the fp32 eager VAE
     assert any(line.startswith("accuracy of one pass (fp16 graphs vs fp32 eager)") for line in log)
@@ -228,3 +229,12 @@ def test_cli_refuses_fp8_below_compute_capability_8_9_and_quantizing_one_compone
     with pytest.raises(BuildError, match="quantize cond_encoder and unet together"):
         build_artifacts(_models(), _settings(precision="int8", components=("unet",)), tmp_path, log=lambda line: None)
     assert not (tmp_path / "a").exists()
+
+
+def test_tf32_is_off_unless_asked_for_and_recorded(built, tmp_path):
+    assert load_manifest(built[0]).build_options["tf32"] is False
+    settings = _settings(components=("cond_encoder",), options=BuildOptions(tf32=True))
+    assert build_artifacts(_models(), settings, tmp_path, log=lambda line: None).build_options["tf32"] is True
+    args = build_parser().parse_args(["--target", "rtx4090", "--random-weights", "--tf32"])
+    assert "--tf32" in _rebuild_command(args, PRESETS["rtx4090"], tmp_path)
+    assert "--tf32" not in _rebuild_command(build_parser().parse_args(["--target", "rtx4090"]), PRESETS["rtx4090"], tmp_path)
