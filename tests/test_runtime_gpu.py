@@ -49,3 +49,20 @@ def test_auto_on_cuda_says_why_it_skipped_faster_backends(artifacts):
         assert upscaler.backend_name in {"tensorrt", "onnxruntime-cuda", "torch"}
         if upscaler.backend_name != "tensorrt":
             assert "tensorrt" in upscaler.skipped_backends
+
+
+def test_a_backends_own_stream_is_ordered_after_and_before_the_callers_work():
+    from runtime.backends import OwnStream
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    own, caller = OwnStream(device), torch.cuda.Stream(device)
+    with torch.cuda.stream(caller):
+        x = torch.ones(1 << 20, device=device)
+        torch.cuda._sleep(50_000_000)  # keep the caller's stream busy, so a missing wait would show
+        x.add_(1)
+        with own.scope() as seen:
+            assert seen == caller and torch.cuda.current_stream(device) == own.stream
+            y = x * 2
+        z = y + 1  # back on the caller's stream, after the backend's work
+    torch.cuda.synchronize(device)
+    assert bool((z == 5).all())
