@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import replace
 
 import onnx
 import pytest
+import torch
 
 from export.checkpoint import random_vae, seeded_init
-from export.models import UpscalerUNet
+from export.models import UpscalerUNet, VAEDecoder
 from export.onnx.__main__ import main
 from export.onnx.components import COMPONENTS, Models
 from export.onnx.exporter import export_component, graph_filename
+from export.onnx.precision import DEFAULT_POLICY, Fp32NearestUpsample, apply_policy
 from export.onnx.validate import validate_graph
 from tests.conftest import SMALL_UNET, SMALL_VAE
 
@@ -113,13 +116,34 @@ def test_time_embedding_stays_fp32_in_fp16_encoder(exported):
     assert set(_elem_types(graph.output).values()) == {FLOAT16}
 
 
-def test_bf16_graph_resizes_in_fp32_and_is_reported_not_run_on_cpu(small_models, exported):
-    result = exported("unet", "bf16")
-    graph = onnx.shape_inference.infer_shapes(onnx.load(str(result.path))).graph
+@pytest.mark.parametrize(
+    "component, modes", [("unet", {"linear"}), ("vae_decoder", {"nearest"}), ("vae_decoder_tail", {"nearest"})]
+)
+def test_bf16_graph_resizes_fp32_data(component, modes, exported):
+    # The types come from the graph (shape inference), not from the policy under test.
+    graph = onnx.shape_inference.infer_shapes(onnx.load(str(exported(component, "bf16").path))).graph
     types = {v.name: v.type.tensor_type.elem_type for v in graph.value_info}
     types.update(_elem_types(graph.input))
     resizes = [n for n in graph.node if n.op_type == "Resize"]
-    assert resizes and {types[n.input[0]] for n in resizes} == {FLOAT}
+    found = {next((a.s.decode() for a in n.attribute if a.name == "mode"), "nearest") for n in resizes}
+    assert found == modes
+    assert {n.name: types[n.input[0]] for n in resizes} == dict.fromkeys((n.name for n in resizes), FLOAT)
+
+
+def test_fp32_nearest_upsample_is_bit_identical_to_bf16(small_models):
+    """Nearest copies values, so resizing bf16 data in fp32 must change no bit of the decoder's output."""
+    decoder = VAEDecoder(small_models.vae)
+    latents = torch.randn(2, 32, 6, 10, generator=torch.Generator().manual_seed(0)).bfloat16()
+    patched = apply_policy(decoder, DEFAULT_POLICY["bf16"])
+    plain = apply_policy(decoder, replace(DEFAULT_POLICY["bf16"], resize_fp32=False))
+    assert any(isinstance(m, Fp32NearestUpsample) for m in patched.modules())
+    with torch.no_grad():
+        assert torch.equal(patched(latents), plain(latents))
+
+
+def test_bf16_graph_is_reported_not_run_on_cpu(small_models, exported):
+    result = exported("unet", "bf16")
+    graph = onnx.load(str(result.path)).graph
     assert Counter(i.data_type for i in graph.initializer if len(i.dims) == 4)[BFLOAT16] > 0
     report = validate_graph(COMPONENTS["unet"], small_models, str(result.path), "bf16")
     assert report["status"] == "not_run" and "bf16" in report["reason"]

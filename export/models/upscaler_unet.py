@@ -61,7 +61,7 @@ class BilinearResize(nn.Module):
     """Parameter-free bilinear resize (align_corners False).
 
     ``compute_dtype`` lets an export run the resize in another type than its neighbours:
-    TensorRT has no bf16 Resize, so bf16 graphs resize in fp32.
+    TensorRT's operator reference lists no bf16 Resize, so bf16 graphs resize in fp32.
     """
 
     def __init__(self):

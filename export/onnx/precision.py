@@ -8,8 +8,10 @@ precision is decided:
   to the next (cond, lr1..3, decoder features) travel in the compute dtype;
 - GroupNorm statistics in fp32 when ``norm_fp32`` (the default for reduced precision, see
   ``DEFAULT_POLICY``);
-- bilinear resizes of bf16 graphs in fp32 (TensorRT has no bf16 Resize); diffusers' own
-  nearest upsampler already does this for bf16.
+- when ``resize_fp32`` (bf16), every Resize on fp32 data: the U-Net's bilinear ones and the VAE
+  decoder's nearest ones (diffusers' ``Upsample2D``). TensorRT's operator reference lists no bf16
+  for its Resize layer (int8, fp16, fp32) while onnx-tensorrt's table lists BF16; fp32 is
+  supported by both. Nearest copies values, so there it costs two casts and no accuracy.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
 from ..models.upscaler_unet import BilinearResize
@@ -62,6 +65,43 @@ def _upcast_group_norms(module: nn.Module) -> None:
             _upcast_group_norms(child)
 
 
+class _CastInput(nn.Module):
+    """Runs ``module`` on its input cast to the module's weight type (a bf16 conv after fp32 data)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x.to(self.module.weight.dtype))
+
+
+class Fp32NearestUpsample(nn.Module):
+    """diffusers' ``Upsample2D`` with its nearest interpolation on fp32 data, the conv in its own type."""
+
+    def __init__(self, upsample: Upsample2D):
+        super().__init__()
+        if upsample.norm is not None:
+            raise ValueError("Upsample2D with a norm would run the norm on fp32 data; not supported")
+        conv_name = "conv" if upsample.name == "conv" else "Conv2d_0"
+        conv = getattr(upsample, conv_name)
+        if conv is not None:
+            setattr(upsample, conv_name, _CastInput(conv))
+        self.upsample = upsample
+
+    def forward(self, x: torch.Tensor, output_size: tuple[int, int] | None = None) -> torch.Tensor:
+        return self.upsample(x.float(), output_size).to(x.dtype)
+
+
+def _upcast_nearest_upsamplers(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        # Only these interpolate: a transposed-conv or non-interpolating Upsample2D has no Resize.
+        if isinstance(child, Upsample2D) and child.interpolate and not child.use_conv_transpose:
+            setattr(module, name, Fp32NearestUpsample(child))
+        else:
+            _upcast_nearest_upsamplers(child)
+
+
 def apply_policy(module: nn.Module, policy: Policy) -> nn.Module:
     """A copy of ``module`` (weights included) cast and patched as ``policy`` says."""
     module = copy.deepcopy(module)
@@ -76,6 +116,7 @@ def apply_policy(module: nn.Module, policy: Policy) -> nn.Module:
         for child in module.modules():
             if isinstance(child, BilinearResize):
                 child.compute_dtype = torch.float32
+        _upcast_nearest_upsamplers(module)
     return module.eval()
 
 
