@@ -10,20 +10,74 @@ in the manifest after a build) as the truth.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import helper
-from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-MIN_ONNXRUNTIME = "1.32"
+# ONNX Runtime 1.30's symbolic inference ignores Shape's start/end (opset 15+), so the sizes that
+# opset-18 Resize computes from a sliced Shape come out at the wrong rank; fixed in 1.31.0
+# (measured: 1.30.0 fails the exported U-Net's estimate, 1.31.0, 1.31.1 and 1.32.0 pass).
+MIN_ONNXRUNTIME = (1, 31)
+ONNXRUNTIME_EXTRAS = (
+    "install exactly one ONNX Runtime through the project's extras: pip install -e '.[cpu]' "
+    "(onnxruntime) or pip install -e '.[gpu]' (onnxruntime-gpu); not both, they write the same "
+    "onnxruntime package"
+)
 _SMALL_INITIALIZER = 64  # elements; larger ones (weights) only need their shapes for inference
 
 
 class MemoryEstimateError(RuntimeError):
-    """The graph's shapes could not be inferred at the given input shapes."""
+    """The graph's shapes could not be inferred at the given input shapes (or ONNX Runtime, which
+    infers them, is missing or too old)."""
+
+
+def _min_version() -> str:
+    return ".".join(map(str, MIN_ONNXRUNTIME))
+
+
+def onnxruntime_missing() -> str | None:
+    """What to install when ONNX Runtime is missing (None when it imports): the CLIs check this
+    before any work, since it comes only through the cpu or gpu extra."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ModuleNotFoundError as exc:
+        if exc.name != "onnxruntime":
+            raise
+        return f"ONNX Runtime is not installed; {ONNXRUNTIME_EXTRAS}"
+    return None
+
+
+def _symbolic_shape_inference():
+    """ONNX Runtime's ``SymbolicShapeInference``, imported on first use so that this module (and
+    the build that imports it) loads without ONNX Runtime and says what to install."""
+    try:
+        import onnxruntime
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    except ModuleNotFoundError as exc:
+        missing = (exc.name or "").split(".")[0]
+        if missing == "onnxruntime":
+            raise MemoryEstimateError(
+                f"the memory estimate needs ONNX Runtime >= {_min_version()} (its symbolic shape "
+                f"inference), and onnxruntime is not installed: {ONNXRUNTIME_EXTRAS}"
+            ) from exc
+        if missing == "sympy":
+            raise MemoryEstimateError(
+                "ONNX Runtime's symbolic shape inference needs sympy (its 'symbolic' extra, which the "
+                "project's cpu and gpu extras request): pip install sympy"
+            ) from exc
+        raise
+    release = tuple(int(part) for part in re.findall(r"\d+", onnxruntime.__version__)[:2])
+    if release < MIN_ONNXRUNTIME:
+        raise MemoryEstimateError(
+            f"the memory estimate needs onnxruntime >= {_min_version()}, this is "
+            f"{onnxruntime.__version__} (older releases mis-size opset-18 Resize): upgrade the "
+            "installed one, pip install -U onnxruntime (or onnxruntime-gpu, whichever is installed)"
+        )
+    return SymbolicShapeInference
 
 
 @dataclass(frozen=True)
@@ -88,15 +142,15 @@ class GraphMemoryModel:
             output.type.tensor_type.ClearField("shape")
         # ONNX's own inference cannot size Resize outputs whose sizes are computed from Shape ops;
         # ONNX Runtime's symbolic inference propagates those values.
+        shape_inference = _symbolic_shape_inference()
         try:
-            inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=False).graph
+            inferred = shape_inference.infer_shapes(model, auto_merge=False).graph
         except Exception as exc:  # its asserts and index errors carry no message of their own
             import onnxruntime
 
             raise MemoryEstimateError(
                 f"ONNX Runtime {onnxruntime.__version__} could not infer the graph's shapes at {input_shapes} "
-                f"({type(exc).__name__}); the memory estimate needs onnxruntime >= {MIN_ONNXRUNTIME} "
-                "(older releases mis-size opset-18 Resize): pip install -U onnxruntime"
+                f"({type(exc).__name__}: {exc})"
             ) from exc
 
         sizes: dict[str, int] = {}

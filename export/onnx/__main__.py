@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..checkpoint import CheckpointError, add_weight_arguments, load_unet, load_vae
 from engines.files import atomic_output
+from engines.memory import onnxruntime_missing
 from ..models import DECODER_CUTS
 from .components import COMPONENTS, DEFAULT_CUT, Models
 from .exporter import OPSET, export_component, graph_filename
@@ -96,6 +97,10 @@ def _summary(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     components = list(dict.fromkeys(args.component))
+    missing = onnxruntime_missing()
+    if missing:
+        print(f"error: {missing}", file=sys.stderr)
+        return 1
     try:
         models = load_models(args, components)
     except CheckpointError as exc:
