@@ -34,7 +34,7 @@ from engines.manifest import (
     read_manifest,
     sha256_file,
 )
-from engines.memory import GraphMemoryModel, MemoryEstimateError
+from engines.memory import GraphMemoryModel, MemoryEstimateError, onnxruntime_missing
 from engines.profiles import (
     MAX_BATCH,
     VAE_TILE_CAP,
@@ -57,6 +57,7 @@ from engines.tensorrt_build import (
 
 from calib.accuracy import AccuracyGateError, graphs_run, measure
 from calib.data import (
+    DEFAULT_SIDE,
     CalibrationError,
     CalibrationSet,
     add_calibration_arguments,
@@ -288,27 +289,40 @@ class _Builder:
     def _gate_decoder(self):
         return COMPONENTS["vae_decoder"].module(self.models) if self.models.vae is not None else None
 
+    def check_calibration_fits_engines(self) -> None:
+        """Engines are gated at the calibration samples' sizes, so those must lie inside the range the
+        engines will be built for: checked before any engine is built."""
+        if self.blocker or not set(PASS_COMPONENTS) <= set(self.settings.components):
+            return
+        lo, hi, _ = _latent_ranges(self.settings.target)["cond_encoder"]
+        for sample in self.settings.calibration_set().samples:
+            h, w = sample.shape[2:]
+            if not (lo <= min(h, w) and max(h, w) <= hi):
+                raise BuildError(
+                    f"a calibration sample of {h}x{w} latent pixels is outside the engines' input range "
+                    f"{lo}..{hi} ({lo * PIXELS_PER_LATENT}..{hi * PIXELS_PER_LATENT} px): the engines are gated on "
+                    "these samples. Use latents inside the range (--calib) or --calib-side"
+                )
+
     def _gate_engines(self, records: dict[str, ComponentRecord]) -> None:
-        """Run the calibration pass through the new engines (the runtime's TensorRT backend); on
-        failure delete the engines this build made and publish nothing."""
+        """Run the calibration pass through the engines (the runtime's TensorRT backend); on any
+        failure delete what this build wrote that the previous manifest does not name."""
+        from runtime.backends import BackendUnavailable
         from runtime.tensorrt_backend import TensorRTBackend
 
         precision, calibration = self.settings.precision, self.settings.calibration_set()
-        for sample in calibration.samples:
-            b, _, h, w = sample.shape
-            for component, name, shape in (("cond_encoder", "latents_small", (b, 32, h, w)),
-                                           ("unet", "sample", (b, 32, 2 * h, 2 * w))):
-                if admitting_profile(records[component].profiles, name, shape) is None:
-                    raise BuildError(f"calibration sample of {h}x{w} latent pixels is outside the engines' profiles; "
-                                     "use calibration latents inside the build's range (--calib, --calib-side)")
         start = time.perf_counter()
         engines = {c: (self.out / records[c].engine.file, records[c].profiles) for c in PASS_COMPONENTS}
-        backend = TensorRTBackend(engines, torch.device("cuda", 0))
         try:
-            report = measure(backend.run, self.models.unet, calibration, precision, decoder=self._gate_decoder(),
-                             seed=self.settings.seed, device=backend.device)
-        finally:
-            backend.close()
+            backend = TensorRTBackend(engines, torch.device("cuda", 0))
+            try:
+                report = measure(backend.run, self.models.unet, calibration, precision, decoder=self._gate_decoder(),
+                                 seed=self.settings.seed, device=backend.device)
+            finally:
+                backend.close()
+        except (BackendUnavailable, RuntimeError, ValueError, TypeError) as exc:
+            removed = _discard_new(self.out, self.previous, records)
+            raise BuildError(f"the {precision} TensorRT engines could not be gated ({exc}); {removed}") from exc
         self.log(f"accuracy of one pass ({precision} TensorRT engines vs fp32 eager): {report.summary()}")
         graphs = self.accuracy if self.accuracy and "passed" in self.accuracy else None
         self.accuracy = {"gated": GATED_ENGINES, "calibration": calibration.describe(), **report.to_dict()}
@@ -316,13 +330,10 @@ class _Builder:
             self.accuracy["graphs"] = graphs
         self._stage("cond_encoder+unet", "engine accuracy", start, reused=False, accuracy=report.worst)
         if not report.passed:
-            published = {r.engine.file for r in self.previous.values()}
-            for component in PASS_COMPONENTS:
-                if records[component].engine.file not in published:
-                    (self.out / records[component].engine.file).unlink(missing_ok=True)
+            removed = _discard_new(self.out, self.previous, records)
             raise BuildError(
-                f"the {precision} TensorRT engines failed the accuracy gate and were deleted; the folder keeps its "
-                f"previous manifest. {report.summary()}. Build another precision, or keep more layers in float (--keep)."
+                f"the {precision} TensorRT engines failed the accuracy gate: {report.summary()}. {removed} "
+                "Build another precision, or keep more layers in float (--keep)."
             )
 
     def onnx_stage(self, component: str) -> tuple[str, str, str, dict]:
@@ -422,15 +433,34 @@ def format_profile(profile: Profile, main_input: str) -> str:
     return f"{profile.name}: {main_input} {side(lo)} .. {side(hi)} (opt {side(opt)}), batch 1..{hi[0]}"
 
 
-def _prune(out: Path, old: dict[str, ComponentRecord], new: dict[str, ComponentRecord]) -> None:
-    """Delete artifacts the previous manifest named and the new one does not."""
-    keep = {f for r in new.values() for f in (r.onnx_file, r.engine.file) if f}
-    for record in old.values():
+def _delete_artifacts(out: Path, records: dict[str, ComponentRecord], keep: set[str]) -> list[str]:
+    """Delete the graphs (with their validation files) and engines ``records`` name, except ``keep``."""
+    deleted = []
+    for record in records.values():
         for relative in (record.onnx_file, record.engine.file):
-            if relative and relative not in keep:
-                (out / relative).unlink(missing_ok=True)
+            if relative and relative not in keep and (out / relative).exists():
+                (out / relative).unlink()
+                deleted.append(relative)
                 if relative.endswith(".onnx"):
                     (out / relative.replace(".onnx", ".validation.json")).unlink(missing_ok=True)
+    return deleted
+
+
+def _named(records: dict[str, ComponentRecord]) -> set[str]:
+    return {f for r in records.values() for f in (r.onnx_file, r.engine.file) if f}
+
+
+def _prune(out: Path, old: dict[str, ComponentRecord], new: dict[str, ComponentRecord]) -> None:
+    """After a build: delete artifacts the previous manifest named and the new one does not."""
+    _delete_artifacts(out, old, _named(new))
+
+
+def _discard_new(out: Path, old: dict[str, ComponentRecord], new: dict[str, ComponentRecord]) -> str:
+    """After a failed build: delete what it wrote that the previous manifest does not name.
+    Returns a sentence saying so, for the error message."""
+    deleted = _delete_artifacts(out, new, _named(old))
+    kept = "the folder keeps its previous manifest" if old else "no manifest was written"
+    return f"Deleted {', '.join(deleted)}; {kept}." if deleted else f"Nothing new was kept; {kept}."
 
 
 def build_artifacts(models: Models, settings: BuildSettings, out: Path, log=print) -> Manifest:
@@ -444,6 +474,7 @@ def build_artifacts(models: Models, settings: BuildSettings, out: Path, log=prin
     builder = _Builder(models, settings, out, log)
     if settings.require_engines and builder.blocker:
         raise BuildError(f"--require-engines: engines cannot be built here: {builder.blocker}")
+    builder.check_calibration_fits_engines()
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     try:
@@ -642,6 +673,10 @@ def main(argv: list[str] | None = None) -> int:
         target.check_precision(vae_precision)
     except TargetError as exc:
         parser.error(str(exc))
+    missing = onnxruntime_missing()
+    if missing:  # validation, quantization and the memory estimate all run on it
+        print(f"error: {missing}", file=sys.stderr)
+        return 1
     out = args.out or Path("build") / target.name
     components = tuple(dict.fromkeys(args.components))
     settings = BuildSettings(
@@ -667,10 +702,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"target {target.name}: {target.gpu}, compute capability "
               f"{target.compute_capability[0]}.{target.compute_capability[1]}, budget "
               f"{target.memory_budget_bytes / 2**30:.1f} GiB; out {out}", flush=True)
-        # Engines are gated on their own profiles, which start at the smallest input; ONNX Runtime takes any size.
-        settings.calibration = calibration_from_args(
-            args, min_side=0 if blocker else target.min_input_px // PIXELS_PER_LATENT
-        )
+        if not blocker and args.calib_side is None:
+            # Engines are gated inside their own range (ONNX Runtime takes any size): the fallback
+            # samples at the smallest input, or the largest if the default side is beyond it.
+            lo, hi, _ = _latent_ranges(target)["cond_encoder"]
+            args.calib_side = min(max(DEFAULT_SIDE, lo), hi)
+        settings.calibration = calibration_from_args(args)
         models, settings.weights = _load_models(args, components)
         manifest = build_artifacts(models, settings, out, log=lambda line: print(line, flush=True))
     except (CheckpointError, BuildError, ProfileError, TargetError, MemoryEstimateError, CalibrationError) as exc:

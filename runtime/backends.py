@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from engines.manifest import ComponentRecord, Manifest
+from engines.memory import onnxruntime_missing
 
 Tensors = dict[str, torch.Tensor]
 
@@ -118,18 +119,16 @@ def tensorrt_provider_options(record: ComponentRecord, cache_dir: Path, device_i
     - Engine and timing caches in ``cache_dir``; the engine prefix carries the graph's sha256 (so
       new weights never load an old engine) and its precision. ONNX Runtime adds the TensorRT,
       CUDA and ONNX Runtime versions and the compute capability to the file name itself.
-    - One profile spanning all of the manifest's profiles, tuned at the first (the first pass's
-      size): ONNX Runtime 1.31 builds several profiles but runs only the first.
+    - One profile from the smallest size to the largest, tuned at the first profile's size (the
+      first pass's): ONNX Runtime 1.31 builds several profiles but runs only the first. Its batch
+      limit is the largest profile's, which the memory budget allows at the largest size.
     """
     flags = ORT_TENSORRT_PRECISION.get(record.precision)
     if flags is None:
         raise BackendUnavailable(
             f"ONNX Runtime's TensorRT provider cannot build {record.precision} graphs as typed; use the tensorrt backend"
         )
-    profiles = record.profiles
-    names = list(profiles[0].min)
-    low = {n: tuple(min(dims) for dims in zip(*(p.min[n] for p in profiles))) for n in names}
-    high = {n: tuple(max(dims) for dims in zip(*(p.max[n] for p in profiles))) for n in names}
+    smallest, largest = record.profiles[0], record.profiles[-1]
     return {
         "device_id": device_index,
         "trt_engine_cache_enable": True,
@@ -137,9 +136,9 @@ def tensorrt_provider_options(record: ComponentRecord, cache_dir: Path, device_i
         "trt_engine_cache_prefix": f"{record.name}_{record.precision}_{record.onnx_sha256[:16]}",
         "trt_timing_cache_enable": True,
         "trt_timing_cache_path": str(cache_dir),
-        "trt_profile_min_shapes": _shape_list(low),
-        "trt_profile_opt_shapes": _shape_list(profiles[0].opt),
-        "trt_profile_max_shapes": _shape_list(high),
+        "trt_profile_min_shapes": _shape_list(smallest.min),
+        "trt_profile_opt_shapes": _shape_list(smallest.opt),
+        "trt_profile_max_shapes": _shape_list(largest.max),
         **flags,
     }
 
@@ -181,6 +180,9 @@ class OnnxRuntimeBackend(Backend):
     ):
         """``graphs``: ONNX file per component (an artifact folder's, or any staged graphs);
         ``provider_options``: per component, the options of the first provider (TensorRT's)."""
+        missing = onnxruntime_missing()
+        if missing:
+            raise BackendUnavailable(missing)
         import onnxruntime as ort
 
         available = ort.get_available_providers()
@@ -188,7 +190,8 @@ class OnnxRuntimeBackend(Backend):
         if wanted not in available:
             raise BackendUnavailable(
                 f"ONNX Runtime here has no {wanted} (it has {', '.join(available)}); "
-                "install onnxruntime-gpu (pip install -e '.[gpu]') for CUDA and TensorRT providers"
+                "install onnxruntime-gpu (pip install -e '.[gpu]', in place of onnxruntime: both wheels write "
+                "the same package) for CUDA and TensorRT providers"
             )
         if (provider == "cpu") != (device.type == "cpu"):
             raise BackendUnavailable(f"the ONNX Runtime {provider} provider cannot run on device {device}")
@@ -221,10 +224,13 @@ class OnnxRuntimeBackend(Backend):
                 self._unavailable[name] = str(exc)
             except Exception as exc:  # ONNX Runtime raises its own types for graphs it cannot run
                 reason = str(exc).splitlines()[0][-300:].rstrip(".")
-                hint = (
-                    "bf16 graphs need a GPU provider; rebuild with another precision or use the torch backend"
-                    if provider == "cpu" else "use the tensorrt or torch backend"
-                )
+                hint = {
+                    "cpu": "bf16 graphs need a GPU provider; rebuild with another precision or use the torch backend",
+                    "cuda": "use the tensorrt or torch backend",
+                    # A provider that failed to load leaves the nodes to the CPU, which the session refuses.
+                    "tensorrt": "its TensorRT provider needs TensorRT 10's libraries (pip install -e '.[trt,gpu]') "
+                                "and every node supported by TensorRT; or use the tensorrt or torch backend",
+                }[provider]
                 self._unavailable[name] = f"ONNX Runtime ({provider}) cannot run {Path(path).name}: {reason}. {hint}"
         required = [n for n in self._unavailable if n in ("cond_encoder", "unet")]
         if required:
@@ -251,6 +257,9 @@ class OnnxRuntimeBackend(Backend):
             )
         for name in names:
             binding.bind_output(name, "cuda", self.device.index or 0)
+        # ONNX Runtime runs on a stream of its own that does not wait for torch's: the inputs were
+        # just written on torch's current stream.
+        torch.cuda.current_stream(self.device).synchronize()
         session.run_with_iobinding(binding)
         return {n: torch.from_dlpack(v) for n, v in zip(names, binding.get_outputs())}
 

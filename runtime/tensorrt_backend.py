@@ -80,6 +80,17 @@ def _import_tensorrt():
     return trt
 
 
+_LOGGER = None
+
+
+def _tensorrt_logger(trt):
+    """One TensorRT logger per process: TensorRT warns when runtimes are given different ones."""
+    global _LOGGER
+    if _LOGGER is None:
+        _LOGGER = trt.Logger(trt.Logger.WARNING)
+    return _LOGGER
+
+
 def _torch_dtypes(trt) -> dict:
     return {
         trt.float32: torch.float32,
@@ -104,6 +115,21 @@ def _clear_pending_cuda_error(device: torch.device) -> str | None:
     return None
 
 
+def _release_capture_pool(device: torch.device, pool) -> None:
+    """Give back the memory pool of a failed capture.
+
+    ``capture_end`` stops before releasing the allocator's capture pool when CUDA rejects the
+    capture; left registered, the allocator would defer frees of tensors used on other streams
+    for ever. Private torch calls (those ``torch.cuda.memory.use_mem_pool`` makes): where they do
+    not exist, say so rather than fail the call that only wanted a faster replay.
+    """
+    try:
+        torch._C._cuda_endAllocateToPool(device.index, pool)
+        torch._C._cuda_releasePool(device.index, pool)
+    except (AttributeError, RuntimeError) as exc:
+        logger.warning("could not release the failed capture's memory pool (%s)", exc)
+
+
 class TensorRTBackend(Backend):
     name = "tensorrt"
 
@@ -112,6 +138,8 @@ class TensorRTBackend(Backend):
         trt = _import_tensorrt()
         if device.type != "cuda" or not torch.cuda.is_available():
             raise BackendUnavailable(f"TensorRT needs a CUDA device, got {device}")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         self._trt = trt
         self.device = device
         self._cuda_graphs = cuda_graphs
@@ -120,12 +148,21 @@ class TensorRTBackend(Backend):
         dtypes = _torch_dtypes(trt)
         self._engines: dict[str, _Engine] = {}
         with torch.cuda.device(device):
-            tensorrt_logger = trt.Logger(trt.Logger.WARNING)
-            runtime = trt.Runtime(tensorrt_logger)
+            tensorrt_logger = _tensorrt_logger(trt)
+            try:
+                runtime = trt.Runtime(tensorrt_logger)
+            except (TypeError, RuntimeError) as exc:  # pybind raises TypeError when the factory returns null
+                raise BackendUnavailable(
+                    f"TensorRT could not start on {device} ({exc}); check the NVIDIA driver against TensorRT "
+                    f"{trt.__version__}'s CUDA requirement"
+                ) from exc
             # The engines need their runtime, and the runtime its logger, for as long as they live.
             self._keep_alive = (tensorrt_logger, runtime)
             for name, (path, profiles) in engines.items():
-                engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
+                try:
+                    engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
+                except (TypeError, RuntimeError, OSError) as exc:
+                    raise BackendUnavailable(f"TensorRT could not load {path} ({exc}); rebuild the engines") from exc
                 if engine is None:
                     raise BackendUnavailable(
                         f"TensorRT could not load {path} (see TensorRT's log above); rebuild the engines"
@@ -177,15 +214,16 @@ class TensorRTBackend(Backend):
             checked[name] = tensor.contiguous()
         return checked
 
-    def _new_launch(self, component: str, state: _Engine, shapes: dict[str, tuple[int, ...]]) -> _Launch:
+    def _new_launch(self, component: str, state: _Engine, shapes: dict[str, tuple[int, ...]], profile: int) -> _Launch:
         trt = self._trt
-        profile = select_profile(state.profiles, shapes)
-        if profile is None:
-            raise ValueError(f"{component} shapes {shapes} are outside every profile of its engine")
         context = state.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
         if context is None:
             raise RuntimeError(f"TensorRT could not create an execution context for {component} (see its log above)")
-        if not context.set_optimization_profile_async(profile, self._stream.stream.cuda_stream):
+        try:  # the bindings raise where the C++ call returns false
+            accepted = context.set_optimization_profile_async(profile, self._stream.stream.cuda_stream)
+        except RuntimeError as exc:
+            raise RuntimeError(f"TensorRT refused optimisation profile {profile} of {component}: {exc}") from exc
+        if not accepted:
             raise RuntimeError(f"TensorRT refused optimisation profile {profile} of {component}")
         for name, shape in shapes.items():
             if not context.set_input_shape(name, shape):
@@ -198,7 +236,8 @@ class TensorRTBackend(Backend):
             shape = tuple(context.get_tensor_shape(name))
             if any(s < 0 for s in shape):
                 raise RuntimeError(f"TensorRT could not infer the shape of {component} output {name} at {shapes}")
-            outputs[name] = torch.empty(shape, dtype=dtype, device=self.device)
+            with torch.inference_mode(False):  # kept across calls, whichever mode the first call ran in
+                outputs[name] = torch.empty(shape, dtype=dtype, device=self.device)
             self._address(context, component, name, outputs[name])
         return _Launch(context=context, outputs=outputs, scratch_bytes=scratch_bytes)
 
@@ -213,13 +252,16 @@ class TensorRTBackend(Backend):
         if launch is not None:
             state.launches.move_to_end(key)
             return launch
+        profile = select_profile(state.profiles, shapes)
+        if profile is None:
+            raise ValueError(f"{component} shapes {shapes} are outside every profile of its engine")
         if len(state.launches) >= MAX_LAUNCHES:
             # The dropped context or graph may still be running on the stream: wait before freeing.
             self._stream.stream.synchronize()
             _, dropped = state.launches.popitem(last=False)
             logger.debug("dropped the %s launch at %s (more than %d shapes)", component, key, MAX_LAUNCHES)
             del dropped
-        launch = state.launches[key] = self._new_launch(component, state, shapes)
+        launch = state.launches[key] = self._new_launch(component, state, shapes, profile)
         return launch
 
     def _bind_scratch(self, launch: _Launch) -> None:
@@ -249,7 +291,8 @@ class TensorRTBackend(Backend):
                 return launch.outputs
             if self._cuda_graphs and launch.runs >= 2 and not launch.capture_failed:
                 if launch.static_inputs is None:
-                    launch.static_inputs = {name: torch.empty_like(t) for name, t in inputs.items()}
+                    with torch.inference_mode(False):  # copied into on every replay, in either mode
+                        launch.static_inputs = {name: torch.empty_like(t) for name, t in inputs.items()}
                 for name, tensor in inputs.items():
                     launch.static_inputs[name].copy_(tensor)
                 inputs = launch.static_inputs
@@ -261,22 +304,30 @@ class TensorRTBackend(Backend):
             return launch.outputs
 
     def _capture(self, component: str, launch: _Launch) -> None:
-        """Record the launch (bound to its static inputs) on the backend's stream."""
-        graph = torch.cuda.CUDAGraph()
+        """Record the launch (bound to its static inputs) on the backend's stream.
+
+        After a failure no launch of this backend captures again: an engine that cannot be captured
+        once will not be at other shapes, and each attempt costs a plain launch's worth of setup.
+        """
+        graph, pool = torch.cuda.CUDAGraph(), torch.cuda.graph_pool_handle()
+        ended = False
         try:
             # thread_local: other threads of the host application may keep calling CUDA meanwhile.
-            graph.capture_begin(capture_error_mode="thread_local")
+            graph.capture_begin(pool=pool, capture_error_mode="thread_local")
             try:
                 captured = launch.context.execute_async_v3(self._stream.stream.cuda_stream)
             finally:
                 graph.capture_end()
+                ended = True
             if not captured:
                 raise RuntimeError("execute_async_v3 returned False while capturing")
         except RuntimeError as exc:
             pending = _clear_pending_cuda_error(self.device)
-            launch.capture_failed = True
+            if not ended:  # an ended capture released its pool; the graph object owns what is left
+                _release_capture_pool(self.device, pool)
+            launch.capture_failed, self._cuda_graphs = True, False
             logger.warning(
-                "CUDA graph capture of %s failed (%s%s); these shapes keep plain launches",
+                "CUDA graph capture of %s failed (%s%s); this backend keeps plain launches",
                 component, str(exc).splitlines()[0], f"; cleared CUDA error: {pending}" if pending else "",
             )
             return
@@ -288,9 +339,10 @@ class TensorRTBackend(Backend):
         return sum(s.file_bytes for s in self._engines.values()) + self._scratch.numel() + launches
 
     def close(self) -> None:
-        self._stream.stream.synchronize()
-        for state in self._engines.values():
-            state.launches.clear()
-        self._engines.clear()
-        self._keep_alive = None
-        self._scratch = torch.empty(0, dtype=torch.uint8, device=self.device)
+        with torch.cuda.device(self.device):
+            self._stream.stream.synchronize()
+            for state in self._engines.values():
+                state.launches.clear()
+            self._engines.clear()
+            self._keep_alive = None
+            self._scratch = torch.empty(0, dtype=torch.uint8, device=self.device)

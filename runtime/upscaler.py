@@ -276,6 +276,7 @@ class Upscaler:
         as_numpy = isinstance(latents, np.ndarray)
         x = x.float()
         with self._lock, self.backend.on_stream() as caller:
+            _used_here(x, caller)
             generator = torch.Generator("cpu").manual_seed(seed)
             for _ in range(int(math.log2(scale))):
                 x = self._pass(x, generator)
@@ -290,10 +291,19 @@ class Upscaler:
         x = self._unpacked(latents, latent_format)
         validate_latents(x)
         self._check_decode(x.shape[0], x.shape[2], x.shape[3])
+        x = x.float()
         with self._lock, self.backend.on_stream() as caller:
-            images = self._decode(x.float())
+            _used_here(x, caller)
+            images = self._decode(x)
             _hand_over(images, caller)
         return images.numpy() if isinstance(latents, np.ndarray) else images
+
+
+def _used_here(tensor: torch.Tensor, caller: torch.cuda.Stream | None) -> None:
+    """Inside the backend's stream scope: ``tensor`` (made on the caller's stream) is read on the
+    backend's, so its memory must not be reused on the caller's stream before that work is done."""
+    if caller is not None:
+        tensor.record_stream(torch.cuda.current_stream(tensor.device))
 
 
 def _hand_over(tensor: torch.Tensor, caller: torch.cuda.Stream | None) -> None:
