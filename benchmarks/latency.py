@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from calib.quantize import FLOAT_PART
+from engines.cli import run_cli
 from engines.manifest import ManifestError, load_manifest
 from engines.targets import target_for_device
 from engines.files import atomic_output
@@ -465,4 +466,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

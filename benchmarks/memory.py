@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from engines.cli import run_cli
 from engines.manifest import Manifest, ManifestError, load_manifest
 from engines.memory import GraphMemoryModel, MemoryEstimateError
 from runtime.latents import LATENT_CHANNELS, SCALES
@@ -217,4 +218,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

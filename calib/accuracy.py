@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from engines.cli import run_cli
 from engines.files import atomic_output
 from runtime.backends import OnnxRuntimeBackend
 from runtime.upscaler import run_pass
@@ -212,4 +213,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -44,6 +44,7 @@ import numpy as np
 import onnx
 import torch
 
+from engines.cli import run_cli
 from engines.files import atomic_output
 from engines.targets import PRESETS, TargetError
 from export.checkpoint import add_weight_arguments
@@ -346,4 +347,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

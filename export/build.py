@@ -24,6 +24,7 @@ from pathlib import Path
 import onnx
 import torch
 
+from engines.cli import run_cli
 from engines.files import atomic_output
 from engines.manifest import (
     ComponentRecord,
@@ -718,4 +719,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from engines.cli import run_cli
 from runtime.latents import (
     LATENT_CHANNELS,
     SCALES,
@@ -139,4 +140,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engines.cli import run_cli
 from engines.files import atomic_output
 from engines.manifest import ManifestError
 
@@ -74,4 +75,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from ..checkpoint import CheckpointError, add_weight_arguments, load_unet, load_vae
+from engines.cli import run_cli
 from engines.files import atomic_output
 from engines.memory import onnxruntime_missing
 from ..models import DECODER_CUTS
@@ -129,4 +130,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -1,0 +1,53 @@
+"""The one place where the command-line tools turn errors into messages and exit codes.
+
+- An error raised by the project's own code (any exception class defined in its packages) or by
+  the operating system (a file that cannot be read or written) is expected: one line
+  ``error: <message>`` on stderr, exit 1. Those messages already name the problem and the fix.
+- Ctrl-C: one line, exit 130 (what was there before is left whole: builds and outputs are
+  transactional).
+- Anything else is a bug: the traceback, a line asking for a report, exit 70 (EX_SOFTWARE).
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from collections.abc import Callable
+
+PROJECT_PACKAGES = frozenset({"export", "engines", "runtime", "calib", "benchmarks"})
+EXIT_ERROR, EXIT_BUG, EXIT_INTERRUPTED = 1, 70, 130
+
+
+def is_expected(exc: BaseException) -> bool:
+    """Whether ``exc`` is a refusal the project explains, rather than a bug."""
+    if isinstance(exc, OSError):
+        return True
+    return any(cls.__module__.split(".")[0] in PROJECT_PACKAGES for cls in type(exc).__mro__)
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        return f"{exc.strerror}: {exc.filename}"
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
+    """Run a CLI's ``main`` and map what escapes it to a message and an exit code."""
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        print("interrupted; what was there before is unchanged", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except SystemExit:
+        raise
+    except Exception as exc:  # the single place that decides what is a refusal and what is a bug
+        if is_expected(exc):
+            print(f"error: {_one_line(exc)}", file=sys.stderr)
+            return EXIT_ERROR
+        traceback.print_exc()
+        print(
+            "error: an unexpected failure (a bug in this toolkit); please report it with the command "
+            "and the traceback above",
+            file=sys.stderr,
+        )
+        return EXIT_BUG
