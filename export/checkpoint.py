@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import re
+import struct
 from pathlib import Path
 
 import torch
@@ -22,6 +24,7 @@ DEFAULT_VAE_REPO = "black-forest-labs/FLUX.2-dev"
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _SHOWN_KEYS = 5
+_MAX_HEADER = 100_000_000  # the safetensors library refuses longer headers
 _UNET_HINT = "pass a local file with --checkpoint PATH, or use --random-weights for seeded random weights"
 _VAE_HINT = "pass a local diffusers folder with --vae PATH, or use --random-weights for seeded random weights"
 
@@ -89,22 +92,52 @@ def resolve_checkpoint(source: str | Path | None = None, *, offline: bool = Fals
     )
 
 
+def _safetensors_header_problem(path: Path) -> str | None:
+    """Why ``path`` is not a safetensors file (None when it is one, as far as its header goes).
+
+    A safetensors file is an 8-byte little-endian header length N, then N bytes of JSON object,
+    then the tensor bytes. This is what identifies the format: any first byte is possible (the
+    low byte of N), so no magic number can tell safetensors from other formats.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            return f"{size} bytes, shorter than the 8-byte header length"
+        length = struct.unpack("<Q", head)[0]
+        if length > min(size - 8, _MAX_HEADER):
+            return f"header length {length} bytes, but the file has only {size} bytes"
+        raw = handle.read(length)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return "header is not JSON"
+    if not isinstance(header, dict):
+        return "header is not a JSON object"
+    return None
+
+
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors file; any other format is refused without being parsed."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
-    with open(path, "rb") as handle:
-        head = handle.read(9)
-    if head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":
+    problem = _safetensors_header_problem(path)
+    if problem is not None:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+        # pickle protocol 2+ (PROTO opcode and version), or a zip archive (torch.save since 1.6)
+        if (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")) or head == b"PK\x03\x04":
+            raise CheckpointError(
+                f"{path} is a pickled PyTorch checkpoint; it is not loaded because unpickling can run "
+                "arbitrary code. Convert it once, in an environment you trust, with "
+                "safetensors.torch.save_file(state_dict, 'flow_upscaler.safetensors') and pass that file"
+            )
         raise CheckpointError(
-            f"{path} is a pickled PyTorch checkpoint; it is not loaded because unpickling can run "
-            "arbitrary code. Convert it once, in an environment you trust, with "
-            "safetensors.torch.save_file(state_dict, 'flow_upscaler.safetensors') and pass that file"
+            f"{path} is not a safetensors file ({problem}); it is truncated, corrupt or of another "
+            "format: download or convert it again"
         )
-    if len(head) < 9 or head[8:9] != b"{":
-        raise CheckpointError(f"{path} is not a safetensors file (no safetensors header)")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
