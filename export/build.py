@@ -79,6 +79,7 @@ CALIBRATION_SIZE = 4  # samples: the gate runs each through the fp32 eager model
 ONNX_DIR = "onnx"
 ENGINE_DIR = "engines"
 REPORT_NAME = "report.json"
+_BUILD_SUFFIXES = (".onnx", ".validation.json", ".plan", ".partial", ".onnx.data")
 GATED_GRAPHS = "onnx graphs on onnxruntime (cpu)"
 GATED_ENGINES = "tensorrt engines (the runtime's tensorrt backend)"
 PIXELS_PER_LATENT = 8
@@ -240,7 +241,8 @@ class _Builder:
         start = time.perf_counter()
         self.log(f"cond_encoder + unet ({precision}): calibrating on {len(calibration.samples)} sample(s), "
                  f"{calibration.source}")
-        files = {c: f"{ONNX_DIR}/{graph_filename(COMPONENTS[c], precision, self.models.cut)}" for c in PASS_COMPONENTS}
+        folder = f"{ONNX_DIR}/{key}"
+        files = {c: f"{folder}/{graph_filename(COMPONENTS[c], precision, self.models.cut)}" for c in PASS_COMPONENTS}
         previous = [self.previous.get(c) for c in PASS_COMPONENTS]
         if all(p and p.onnx_key == key and p.onnx_file == files[c] and _reusable(self.out, files[c], p.onnx_sha256)
                for c, p in zip(PASS_COMPONENTS, previous)):
@@ -249,7 +251,7 @@ class _Builder:
             self._stage("cond_encoder+unet", "quantize", start, reused=True)
             return
         try:
-            results, report = quantize_components(self.models, precision, calibration, self.out / ONNX_DIR,
+            results, report = quantize_components(self.models, precision, calibration, self.out / folder,
                                                   self.settings.keep, self.settings.seed, log=self.log)
         except AccuracyGateError as exc:
             raise BuildError(f"the {precision} graphs failed the accuracy gate, nothing was written: {exc} "
@@ -344,14 +346,15 @@ class _Builder:
         precision = self.settings.precision_of(component)
         model = getattr(self.models, spec.needs)
         key = content_key(component, precision, self.models.cut, _public_config(model), self.digests[spec.needs], self.toolkit)
-        relative = f"{ONNX_DIR}/{graph_filename(spec, precision, self.models.cut)}"
+        folder = f"{ONNX_DIR}/{key}"  # a new graph never replaces one the current manifest names
+        relative = f"{folder}/{graph_filename(spec, precision, self.models.cut)}"
         start = time.perf_counter()
         previous = self.previous.get(component)
         if previous and previous.onnx_key == key and previous.onnx_file == relative:
             if _reusable(self.out, relative, previous.onnx_sha256):
                 self._stage(component, "onnx", start, reused=True)
                 return relative, previous.onnx_sha256, key, previous.validation
-        report = export_and_validate(self.models, component, precision, self.out / ONNX_DIR)
+        report = export_and_validate(self.models, component, precision, self.out / folder)
         if report["status"] == "failed":
             raise BuildError(
                 f"{component} ({precision}) failed validation against the fp32 eager model; see "
@@ -451,9 +454,29 @@ def _named(records: dict[str, ComponentRecord]) -> set[str]:
     return {f for r in records.values() for f in (r.onnx_file, r.engine.file) if f}
 
 
-def _prune(out: Path, old: dict[str, ComponentRecord], new: dict[str, ComponentRecord]) -> None:
-    """After a build: delete artifacts the previous manifest named and the new one does not."""
-    _delete_artifacts(out, old, _named(new))
+def _remove_empty_folders(root: Path) -> None:
+    for folder in sorted((p for p in root.glob("*") if p.is_dir()), reverse=True):
+        if not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def _clean_leftovers(out: Path, current: dict[str, ComponentRecord]) -> None:
+    """Delete what a failed or killed build left in ``onnx/`` and ``engines/``: staging folders,
+    partial files, and graphs, validation reports and engines the current manifest does not name.
+    Only this toolkit's kinds of files are touched."""
+    named = _named(current)
+    keep = named | {f.replace(".onnx", ".validation.json") for f in named if f.endswith(".onnx")}
+    for sub in (ONNX_DIR, ENGINE_DIR):
+        root = out / sub
+        if not root.is_dir():
+            continue
+        for path in sorted(root.rglob("*"), reverse=True):  # children before their folders
+            relative = path.relative_to(out).as_posix()
+            if path.is_dir() and path.name.startswith(".staging"):
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.is_file() and relative not in keep and path.name.endswith(_BUILD_SUFFIXES):
+                path.unlink(missing_ok=True)
+        _remove_empty_folders(root)
 
 
 def _discard_new(out: Path, old: dict[str, ComponentRecord], new: dict[str, ComponentRecord]) -> str:
@@ -477,14 +500,16 @@ def build_artifacts(models: Models, settings: BuildSettings, out: Path, log=prin
         raise BuildError(f"--require-engines: engines cannot be built here: {builder.blocker}")
     builder.check_calibration_fits_engines()
     out.mkdir(parents=True, exist_ok=True)
+    _clean_leftovers(out, builder.previous)  # of a build that was killed
     started = time.perf_counter()
     try:
         if settings.precision in QUANTIZED_PRECISIONS:
             builder.quantize_stage()
         records = {name: builder.component(name) for name in settings.components}
         builder.gate_stage(records)
-    finally:
-        shutil.rmtree(out / ONNX_DIR / ".staging", ignore_errors=True)
+    except BaseException:  # Ctrl-C included: the folder stays as its manifest says
+        _clean_leftovers(out, builder.previous)
+        raise
     manifest = Manifest(
         target=settings.target.describe(),
         weights=builder.weights_record(),
@@ -518,7 +543,7 @@ def build_artifacts(models: Models, settings: BuildSettings, out: Path, log=prin
     with atomic_output(out / REPORT_NAME) as partial:
         partial.write_text(json.dumps(report, indent=2) + "\n")
     manifest.write(out)
-    _prune(out, builder.previous, records)
+    _clean_leftovers(out, records)  # the previous build's artifacts, and this one's staging
     return manifest
 
 

@@ -1,0 +1,114 @@
+"""A build killed or interrupted over a working artifact folder leaves that folder whole and usable
+(the runtime gives the same result as before), and the next run cleans up and finishes.
+
+The build runs in a subprocess and is stopped when its log reaches a given stage: after the first
+new graph was written, later with more written, and with Ctrl-C (SIGINT).
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from engines.manifest import load_manifest
+from engines.targets import PRESETS
+from export.build import BuildSettings, build_artifacts
+from export.checkpoint import load_unet, random_vae
+from export.onnx.components import Models
+from runtime import Upscaler
+
+from .conftest import SMALL_UNET, SMALL_VAE
+
+ROOT = Path(__file__).resolve().parents[1]
+NEW_SEED = 1  # other weights than the folder's (seed 0): every graph is exported again
+BUILD = f"""
+import sys
+from pathlib import Path
+from engines.targets import PRESETS
+from export.build import BuildSettings, build_artifacts
+from export.checkpoint import load_unet, random_vae
+from export.onnx.components import Models
+from tests.conftest import SMALL_UNET, SMALL_VAE
+models = Models(unet=load_unet(random_weights=True, seed={NEW_SEED}, **SMALL_UNET), vae=random_vae({NEW_SEED}, **SMALL_VAE))
+settings = BuildSettings(target=PRESETS["rtx4090"].with_range(64, 512), precision="fp16", vae_precision="fp32")
+print("started", flush=True)
+build_artifacts(models, settings, Path(sys.argv[1]), log=lambda line: print(line, flush=True))
+"""
+
+
+def _settings() -> BuildSettings:
+    return BuildSettings(target=PRESETS["rtx4090"].with_range(64, 512), precision="fp16", vae_precision="fp32")
+
+
+def _upscale(folder: Path) -> torch.Tensor:
+    x = torch.randn(1, 32, 8, 12, generator=torch.Generator().manual_seed(4))
+    with Upscaler.load(folder, backend="onnxruntime", device="cpu") as upscaler:
+        return upscaler.upscale(x, scale=4, seed=3)
+
+
+def _unnamed_files(folder: Path) -> list[str]:
+    """Files under onnx/ and engines/ that the manifest does not name (validation reports aside)."""
+    named = {f for r in load_manifest(folder).components.values() for f in (r.onnx_file, r.engine.file) if f}
+    named |= {f.replace(".onnx", ".validation.json") for f in named}
+    files = [p for sub in ("onnx", "engines") for p in (folder / sub).rglob("*") if p.is_file()]
+    return sorted(p.relative_to(folder).as_posix() for p in files if p.relative_to(folder).as_posix() not in named)
+
+
+def _stop_build_at(folder: Path, marker: str, sig: int) -> int:
+    process = subprocess.Popen(
+        [sys.executable, "-c", BUILD, str(folder)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        for line in process.stdout:
+            if line.startswith(marker):
+                process.send_signal(sig)
+                break
+        else:
+            pytest.fail(f"the build ended without logging {marker!r}: {process.stderr.read()[-2000:]}")
+        return process.wait(timeout=120)
+    finally:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def working(small_artifacts, tmp_path_factory) -> tuple[Path, torch.Tensor]:
+    return small_artifacts, _upscale(small_artifacts)
+
+
+@pytest.mark.parametrize(
+    "marker, sig",
+    [
+        ("  onnx: done", signal.SIGKILL),  # cond_encoder's new graph is written, the unet's is not
+        ("vae_decoder (fp32)", signal.SIGKILL),  # two new graphs written, then killed
+        ("unet (fp16)", signal.SIGINT),  # Ctrl-C: the build cleans up after itself
+    ],
+)
+def test_a_stopped_build_leaves_the_folder_as_it_was(working, tmp_path, marker, sig):
+    source, before = working
+    folder = tmp_path / "artifacts"
+    shutil.copytree(source, folder)
+    manifest = (folder / "manifest.json").read_bytes()
+    assert _stop_build_at(folder, marker, sig) != 0
+    assert (folder / "manifest.json").read_bytes() == manifest
+    assert torch.equal(_upscale(folder), before)
+    if sig == signal.SIGINT:
+        assert _unnamed_files(folder) == [] and not list(folder.rglob(".staging*"))
+
+
+def test_the_next_run_cleans_up_a_killed_build_and_finishes(working, tmp_path):
+    source, before = working
+    folder = tmp_path / "artifacts"
+    shutil.copytree(source, folder)
+    _stop_build_at(folder, "vae_decoder (fp32)", signal.SIGKILL)
+    assert _unnamed_files(folder)  # the killed build's graphs are still there
+    models = Models(unet=load_unet(random_weights=True, seed=NEW_SEED, **SMALL_UNET), vae=random_vae(NEW_SEED, **SMALL_VAE))
+    build_artifacts(models, _settings(), folder, log=lambda line: None)
+    assert _unnamed_files(folder) == [] and not list(folder.rglob(".staging*")) and not list(folder.rglob("*.partial"))
+    assert not torch.equal(_upscale(folder), before)  # the new weights are in use
