@@ -23,9 +23,11 @@ from pathlib import Path
 
 import torch
 
+from engines.cli import SEED_RANGE, int_in_range
 from runtime.latents import LATENT_CHANNELS, PACKED_CHANNELS, InvalidLatentsError, read_latents, unpack, validate_latents
 
 DEFAULT_SIZE = 8
+MAX_CALIBRATION_SIZE = 10_000
 DEFAULT_SIDE = 32  # low-res latent side of the fallback: a 256 px image, 512 px out
 
 
@@ -108,11 +110,12 @@ def add_calibration_arguments(parser: argparse.ArgumentParser, default_size: int
     parser.add_argument("--calib", type=Path, nargs="+", metavar="PATH",
                         help="calibration latents: .safetensors files and/or folders of them (default: seeded "
                              "standard-normal latents, see calib/data.py for why that is only half representative)")
-    parser.add_argument("--calib-size", type=int, default=default_size,
-                        help="number of calibration samples (default: %(default)s)")
-    parser.add_argument("--calib-seed", type=int, default=0, help="seed of the selection and of the fallback")
-    parser.add_argument("--calib-side", type=int,
-                        help=f"low-res latent side of the fallback samples (default: {DEFAULT_SIDE} = "
+    parser.add_argument("--calib-size", type=int_in_range(1, MAX_CALIBRATION_SIZE), default=default_size,
+                        help=f"number of calibration samples, 1..{MAX_CALIBRATION_SIZE} (default: %(default)s)")
+    parser.add_argument("--calib-seed", type=int_in_range(*SEED_RANGE), default=0,
+                        help=f"seed of the selection and of the fallback, 0..{SEED_RANGE[1]}")
+    parser.add_argument("--calib-side", type=int_in_range(2, 4096),
+                        help=f"low-res latent side of the fallback samples, even, 2..4096 (default: {DEFAULT_SIDE} = "
                              f"{DEFAULT_SIDE * 8} px in, or the smallest an artifact folder accepts)")
 
 

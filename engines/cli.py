@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 import traceback
 from collections.abc import Callable
@@ -51,3 +52,36 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
             file=sys.stderr,
         )
         return EXIT_BUG
+
+
+SEED_RANGE = (0, 2**63 - 1)  # what torch.Generator.manual_seed and numpy accept alike
+
+
+def int_in_range(lo: int, hi: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer from ``lo`` to ``hi``, refused with the range otherwise."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer (accepted: {lo}..{hi})") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{value} is outside the accepted range {lo}..{hi}")
+        return value
+
+    return parse
+
+
+def float_in_range(lo: float, hi: float) -> Callable[[str], float]:
+    """An argparse ``type``: a number with ``lo < value <= hi``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number (accepted: more than {lo:g}, up to {hi:g})") from None
+        if not lo < value <= hi:
+            raise argparse.ArgumentTypeError(f"{value:g} is outside the accepted range: more than {lo:g}, up to {hi:g}")
+        return value
+
+    return parse

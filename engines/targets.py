@@ -68,8 +68,8 @@ class Target:
     def with_range(self, min_input_px: int | None, max_output_px: int | None) -> Target:
         return replace(
             self,
-            min_input_px=min_input_px or self.min_input_px,
-            max_output_px=max_output_px or self.max_output_px,
+            min_input_px=self.min_input_px if min_input_px is None else min_input_px,
+            max_output_px=self.max_output_px if max_output_px is None else max_output_px,
         )
 
     def describe(self) -> dict:

@@ -24,7 +24,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from engines.cli import run_cli
+from engines.cli import SEED_RANGE, float_in_range, int_in_range, run_cli
 from engines.files import atomic_output
 from engines.manifest import (
     ComponentRecord,
@@ -83,6 +83,8 @@ _BUILD_SUFFIXES = (".onnx", ".validation.json", ".plan", ".partial", ".onnx.data
 GATED_GRAPHS = "onnx graphs on onnxruntime (cpu)"
 GATED_ENGINES = "tensorrt engines (the runtime's tensorrt backend)"
 PIXELS_PER_LATENT = 8
+MAX_SIDE_PX = 65536  # image side: far beyond any GPU's memory, small enough to keep the maths exact
+MAX_BATCH_LIMIT = 64  # profiles are searched batch by batch down from this
 
 
 class BuildError(RuntimeError):
@@ -579,18 +581,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--components", nargs="+", choices=BUILD_COMPONENTS, default=list(BUILD_COMPONENTS), help="what to build"
     )
-    parser.add_argument("--min-px", type=int, help="smallest input image side in pixels (default: 512)")
-    parser.add_argument("--max-px", type=int, help="largest output image side in pixels (default: 8192)")
-    parser.add_argument("--max-batch", type=int, default=MAX_BATCH, help="batch limit of every profile (default: %(default)s)")
+    parser.add_argument("--min-px", type=int_in_range(16, MAX_SIDE_PX),
+                        help=f"smallest input image side in pixels, a multiple of 16 from 16 to {MAX_SIDE_PX} (default: 512)")
+    parser.add_argument("--max-px", type=int_in_range(32, MAX_SIDE_PX),
+                        help=f"largest output image side in pixels, a multiple of 32 from 32 to {MAX_SIDE_PX} "
+                             "(default: 8192)")
+    parser.add_argument("--max-batch", type=int_in_range(1, MAX_BATCH_LIMIT), default=MAX_BATCH,
+                        help=f"batch limit of every profile, 1..{MAX_BATCH_LIMIT} (default: %(default)s)")
     parser.add_argument("--opt-level", type=int, default=3, choices=range(6), help="TensorRT builder optimisation level")
-    parser.add_argument("--workspace-gib", type=float, help="TensorRT workspace memory limit (default: TensorRT's)")
+    parser.add_argument("--workspace-gib", type=float_in_range(0, 1024),
+                        help="TensorRT workspace memory limit in GiB, more than 0 up to 1024 (default: TensorRT's)")
     parser.add_argument("--tf32", action="store_true",
                         help="let TensorRT run fp32 layers (an fp32 VAE, fp8 graphs' float parts) in TF32: faster, "
                              "about fp16's precision. Default: true fp32, recorded in the manifest")
     parser.add_argument(
         "--require-engines", action="store_true", help="fail unless TensorRT engines can be built on this machine"
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of --random-weights and of the gate's pass noise")
+    parser.add_argument("--seed", type=int_in_range(*SEED_RANGE), default=0,
+                        help=f"seed of --random-weights and of the gate's pass noise, 0..{SEED_RANGE[1]}")
     parser.add_argument("--keep", type=keep_groups, default=list(DEFAULT_KEEP),
                         help=f"int8/fp8: node groups kept in float, comma-separated {','.join(KEEP_GROUPS)}, or none "
                              "(default: all)")
@@ -685,8 +693,6 @@ def _summary(manifest: Manifest, out: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.max_batch < 1:
-        parser.error("--max-batch must be at least 1")
     try:
         target = get_target(args.target).with_range(args.min_px, args.max_px)
         check_range(target)

@@ -164,7 +164,12 @@ def test_cli_full_size_encoder_completes_the_onnx_stages_and_says_what_to_run(tm
     [
         (["--min-px", "500"], "multiple of"),
         (["--max-px", "256"], "at least twice"),
-        (["--max-batch", "0"], "--max-batch must be at least 1"),
+        (["--max-batch", "0"], "argument --max-batch: 0 is outside the accepted range 1..64"),
+        (["--max-batch", "20000"], "argument --max-batch: 20000 is outside the accepted range 1..64"),
+        (["--min-px", "0"], "argument --min-px: 0 is outside the accepted range 16..65536"),
+        (["--workspace-gib", "-1"], "argument --workspace-gib: -1 is outside the accepted range"),
+        (["--seed", str(2**70)], "argument --seed: 1180591620717411303424 is outside the accepted range 0..9223372036854775807"),
+        (["--calib-size", "0"], "argument --calib-size: 0 is outside the accepted range 1..10000"),
     ],
 )
 def test_cli_bad_ranges_exit_2(tmp_path, capsys, argv, message):
