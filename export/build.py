@@ -16,6 +16,7 @@ import json
 import shlex
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -549,6 +550,18 @@ def build_artifacts(models: Models, settings: BuildSettings, out: Path, log=prin
     return manifest
 
 
+def check_output_folder(out: Path) -> None:
+    """Refuse an artifact folder that cannot be written, before minutes of work are spent."""
+    if out.exists() and not out.is_dir():
+        raise BuildError(f"--out {out} is a file, not a folder; name a folder for the artifacts")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise BuildError(f"--out {out} cannot be written ({exc.strerror or exc}); name a writable folder") from exc
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m export.build",
@@ -728,6 +741,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
     )
     try:
+        check_output_folder(out)
         blocker = build_blocker(target.compute_capability, tensorrt_version(), local_gpu())
         if args.require_engines and blocker:
             raise BuildError(f"--require-engines: engines cannot be built here: {blocker}")

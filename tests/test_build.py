@@ -244,3 +244,12 @@ def test_tf32_is_off_unless_asked_for_and_recorded(built, tmp_path):
     args = build_parser().parse_args(["--target", "rtx4090", "--random-weights", "--tf32"])
     assert "--tf32" in _rebuild_command(args, PRESETS["rtx4090"], tmp_path)
     assert "--tf32" not in _rebuild_command(build_parser().parse_args(["--target", "rtx4090"]), PRESETS["rtx4090"], tmp_path)
+
+
+def test_cli_refuses_an_output_that_is_a_file_before_any_work(tmp_path, capsys):
+    target = tmp_path / "taken"
+    target.write_text("a user's file")
+    assert main(["--target", "rtx4090", "--random-weights", "--out", str(target)]) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: --out {target} is a file, not a folder; name a folder for the artifacts\n"
+    assert target.read_text() == "a user's file"
