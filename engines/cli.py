@@ -23,7 +23,9 @@ def is_expected(exc: BaseException) -> bool:
     """Whether ``exc`` is a refusal the project explains, rather than a bug."""
     if isinstance(exc, OSError):
         return True
-    return any(cls.__module__.split(".")[0] in PROJECT_PACKAGES for cls in type(exc).__mro__)
+    # ``__main__``: under ``python -m export.build`` the module's own classes (BuildError) live there.
+    return any(cls.__module__.split(".")[0] in PROJECT_PACKAGES or cls.__module__ == "__main__"
+               for cls in type(exc).__mro__)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -171,24 +171,124 @@ class Manifest:
         return path
 
 
+def _shape_problem(data: object) -> str | None:
+    """The first place where parsed manifest JSON differs from the shape ``Manifest.to_dict`` writes
+    (``None`` when it matches), so a hand-edited or truncated file is refused with where it is wrong
+    instead of failing deep inside the runtime."""
+
+    def kind(value: object) -> str:
+        return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+            type(value), "a number"
+        )
+
+    def expect(value: object, types: type | tuple[type, ...], where: str, what: str) -> str | None:
+        if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+            return f"{where} must be {what}, got {kind(value)}"
+        return None if isinstance(value, types) else f"{where} must be {what}, got {kind(value)}"
+
+    def fields(obj: dict, where: str, spec: dict[str, tuple[type | tuple[type, ...], str]]) -> str | None:
+        for key, (types, what) in spec.items():
+            if key not in obj:
+                return f"is missing the field {where}{key}"
+            if problem := expect(obj[key], types, f"{where}{key}", what):
+                return problem
+        return None
+
+    if not isinstance(data, dict):
+        return f"holds {kind(data)}, not a JSON object"
+    top = {"rebuild_command": (str, "a string"), "target": (dict, "an object"), "weights": (dict, "an object"),
+           "build_options": (dict, "an object"), "toolkit": (dict, "an object"), "components": (dict, "an object")}
+    if problem := fields(data, "", top):
+        return problem
+    if not data["components"]:
+        return "names no components"
+    for name, component in data["components"].items():
+        where = f"components.{name}."
+        if problem := expect(component, dict, where[:-1], "an object"):
+            return problem
+        spec = {"precision": (str, "a string"), "onnx": (dict, "an object"), "inputs": (list, "a list of names"),
+                "outputs": (list, "a list of names"), "profiles": (list, "a list of profiles"),
+                "engine": (dict, "an object")}
+        if problem := fields(component, where, spec):
+            return problem
+        onnx = {"file": (str, "a string"), "sha256": (str, "a string"), "key": (str, "a string")}
+        if problem := fields(component["onnx"], f"{where}onnx.", onnx):
+            return problem
+        for key in ("inputs", "outputs"):
+            if not component[key] or not all(isinstance(n, str) for n in component[key]):
+                return f"{where}{key} must be a non-empty list of names"
+        if not component["profiles"]:
+            return f"{where}profiles is empty"
+        for i, profile in enumerate(component["profiles"]):
+            at = f"{where}profiles[{i}]"
+            if problem := expect(profile, dict, at, "an object"):
+                return problem
+            if problem := fields(profile, f"{at}.", {"name": (str, "a string"), "inputs": (dict, "an object")}):
+                return problem
+            if set(profile["inputs"]) != set(component["inputs"]):
+                return (f"{at}.inputs names {sorted(profile['inputs'])}, but the component's inputs are "
+                        f"{sorted(component['inputs'])}")
+            for input_name, box in profile["inputs"].items():
+                if problem := expect(box, dict, f"{at}.inputs.{input_name}", "an object"):
+                    return problem
+                ranks = set()
+                for key in ("min", "opt", "max"):
+                    shape = box.get(key)
+                    if shape is None:
+                        return f"is missing the field {at}.inputs.{input_name}.{key}"
+                    if not isinstance(shape, list) or not shape or not all(
+                        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+                    ):
+                        return f"{at}.inputs.{input_name}.{key} must be a shape (a list of sizes), got {shape!r:.60}"
+                    ranks.add(len(shape))
+                if len(ranks) != 1:
+                    return f"{at}.inputs.{input_name} has min, opt and max shapes of different ranks"
+        engine = component["engine"]
+        if problem := expect(engine.get("built", False), bool, f"{where}engine.built", "true or false"):
+            return problem
+        if engine.get("built"):
+            for key in ("file", "sha256", "tensorrt_version", "compute_capability"):
+                if key not in engine:
+                    return f"is missing the field {where}engine.{key}"
+            if problem := fields(engine, f"{where}engine.", {"file": (str, "a string"), "sha256": (str, "a string")}):
+                return problem
+    return None
+
+
 def read_manifest(folder: Path) -> Manifest:
-    """Parse ``folder/manifest.json`` without checking the files it names."""
+    """Parse ``folder/manifest.json`` without checking the files it names.
+
+    Anything but the shape this toolkit writes (another schema, a list, a component or profile
+    missing a field, a field of the wrong type) is a ``ManifestError`` that names the rebuild
+    command; nothing else escapes.
+    """
     path = Path(folder) / MANIFEST_NAME
+    default_rebuild = f"python -m export.build --target <gpu> --out {folder}"
     if not path.is_file():
-        raise ManifestError(f"{folder} has no {MANIFEST_NAME}; build it with `python -m export.build --target <gpu> --out {folder}`")
+        raise ManifestError(f"{folder} has no {MANIFEST_NAME}; build it with `{default_rebuild}`")
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ManifestError(f"{path} is not readable JSON ({exc}); rebuild the folder with `python -m export.build`") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ManifestError(f"{path} is not readable JSON ({exc}); rebuild the folder with `{default_rebuild}`") from exc
+    rebuild = default_rebuild
+    if isinstance(data, dict) and isinstance(data.get("rebuild_command"), str) and data["rebuild_command"].strip():
+        rebuild = data["rebuild_command"]
+    if not isinstance(data, dict):
+        raise ManifestError(f"{path} {_shape_problem(data)}; rebuild the folder with: {rebuild}")
     if data.get("schema") != SCHEMA or data.get("schema_version") != SCHEMA_VERSION:
         raise ManifestError(
             f"{path} is schema {data.get('schema')!r} version {data.get('schema_version')!r}, this toolkit reads "
-            f"{SCHEMA!r} version {SCHEMA_VERSION}; rebuild with: {data.get('rebuild_command', 'python -m export.build')}"
+            f"{SCHEMA!r} version {SCHEMA_VERSION}; rebuild with: {rebuild}"
         )
+    problem = _shape_problem(data)
+    if problem is not None:
+        if not problem.startswith(("is missing", "holds", "names")):
+            problem = f"is malformed: {problem}"
+        raise ManifestError(f"{path} {problem}; rebuild with: {rebuild}")
     try:
         return Manifest.from_dict(data)
-    except (KeyError, TypeError) as exc:
-        raise ManifestError(f"{path} is missing the field {exc}; rebuild with: {data.get('rebuild_command')}") from exc
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:  # a shape the check above missed
+        raise ManifestError(f"{path} is malformed ({type(exc).__name__}: {exc}); rebuild with: {rebuild}") from exc
 
 
 def _check_file(folder: Path, relative: str, expected: str, what: str, rebuild: str) -> None:

@@ -2,6 +2,13 @@
 
 from .backends import BackendUnavailable
 from .latents import InvalidLatentsError
-from .upscaler import SizeOutOfRangeError, Upscaler
+from .upscaler import InvalidArgumentError, SizeOutOfRangeError, Upscaler, UpscalerClosedError
 
-__all__ = ["BackendUnavailable", "InvalidLatentsError", "SizeOutOfRangeError", "Upscaler"]
+__all__ = [
+    "BackendUnavailable",
+    "InvalidArgumentError",
+    "InvalidLatentsError",
+    "SizeOutOfRangeError",
+    "Upscaler",
+    "UpscalerClosedError",
+]

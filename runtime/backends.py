@@ -291,7 +291,7 @@ class TorchBackend(Backend):
 
         try:
             models = models_from_weights_record(manifest.weights, list(manifest.components))
-        except (ValueError, CheckpointError) as exc:
+        except (ValueError, TypeError, KeyError, CheckpointError) as exc:  # a hand-edited weight record too
             raise BackendUnavailable(f"the torch backend cannot rebuild the models: {exc}") from exc
         from export.onnx.components import COMPONENTS
 

@@ -155,8 +155,12 @@ def read_latents(path: str | Path) -> torch.Tensor:
     from safetensors.torch import load_file
 
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise InvalidLatentsError(f"{path} is a folder; give a .safetensors file")
+    if not path.exists():
         raise InvalidLatentsError(f"{path} does not exist")
+    if not path.is_file():
+        raise InvalidLatentsError(f"{path} is not a regular file; give a .safetensors file")
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as exc:
@@ -172,6 +176,7 @@ def read_latents(path: str | Path) -> torch.Tensor:
 
 
 def write_latents(path: str | Path, latents: torch.Tensor) -> None:
+    """``latents`` as the tensor ``latents`` of a ``.safetensors`` file, written atomically."""
     from safetensors.torch import save_file
 
     with atomic_output(Path(path)) as partial:

@@ -1,9 +1,20 @@
-"""``python -m runtime.upscale``: upscale a latent file with an artifact folder."""
+"""``python -m runtime.upscale``: upscale a latent file with an artifact folder.
+
+Everything the command can refuse is refused before any model is loaded or run: the seed, the
+device, the input file, and every output path (its folder exists and takes a file, it is not a
+folder, not inside the artifact folder, not the input, not another output). Outputs are written
+together at the end, each to a temporary file renamed into place only when all of them are
+complete, so a failure leaves no output (and the previous files, if any, unchanged).
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
+import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +22,13 @@ import torch
 
 from engines.cli import run_cli
 from engines.files import atomic_output
-from engines.manifest import ManifestError
 
-from .backends import BackendUnavailable
-from .latents import InvalidLatentsError, read_latents, write_latents
-from .upscaler import BACKENDS, LATENT_FORMATS, Upscaler
+from .latents import read_latents
+# Exceptions raised here are defined in other modules: run as ``python -m``, this module is
+# ``__main__``, and engines.cli.run_cli tells the project's exceptions by their module.
+from .upscaler import BACKENDS, LATENT_FORMATS, SEED_MAX, OutputPathError, Upscaler, check_seed, resolve_device
+
+IMAGE_SUFFIX = ".png"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,10 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input", type=Path, required=True, help=".safetensors with one tensor, or one named 'latents'")
     parser.add_argument("--output", type=Path, required=True, help="output .safetensors (tensor 'latents')")
     parser.add_argument("--scale", type=int, default=2, choices=(2, 4, 8))
-    parser.add_argument("--seed", type=int, default=0, help="noise seed (same seed, same result on every backend)")
+    parser.add_argument(
+        "--seed", type=int, default=0,
+        help=f"noise seed, 0..{SEED_MAX} (2**64-1) (same seed, same result on every backend)",
+    )
     parser.add_argument("--decode", type=Path, help="also decode to this PNG (batch > 1: NAME_0.png, NAME_1.png, ...)")
     parser.add_argument("--backend", choices=BACKENDS, default="auto")
-    parser.add_argument("--device", help="torch device, e.g. cpu or cuda:0 (default: cuda if present)")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if present, else cpu)")
     parser.add_argument("--latent-format", choices=LATENT_FORMATS, default="flux2")
     return parser
 
@@ -42,37 +58,129 @@ def _png_paths(path: Path, batch: int) -> list[Path]:
     return [path.with_name(f"{path.stem}_{i}{path.suffix}") for i in range(batch)]
 
 
-def write_pngs(path: Path, images: torch.Tensor) -> list[Path]:
-    """Images [B, 3, H, W] in about [-1, 1] -> 8-bit RGB PNGs."""
-    from PIL import Image
-
-    pixels = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()
-    paths = _png_paths(path, pixels.shape[0])
-    for target, array in zip(paths, pixels):
-        with atomic_output(target) as partial:
-            Image.fromarray(np.ascontiguousarray(array)).save(partial, format="PNG")
-    return paths
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def check_output(path: Path, flag: str, artifacts: Path, source: Path) -> Path:
+    """Refuse, before any work, an output path that cannot or must not be written; its resolved form."""
     try:
-        latents = read_latents(args.input)
-        with Upscaler.load(args.artifacts, backend=args.backend, device=args.device) as upscaler:
-            latents = latents.to(upscaler.device)
-            upscaler.check_input(latents, args.scale, decode=args.decode is not None, latent_format=args.latent_format)
-            out = upscaler.upscale(latents, scale=args.scale, seed=args.seed, latent_format=args.latent_format)
-            images = upscaler.decode(out, latent_format=args.latent_format) if args.decode else None
-            backend = upscaler.backend_name
-        write_latents(args.output, out)
-        written = [args.output] + (write_pngs(args.decode, images) if images is not None else [])
-    except (InvalidLatentsError, ManifestError, BackendUnavailable, OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(f"{tuple(latents.shape)} -> {tuple(out.shape)} ({args.scale}x, backend {backend}); wrote {', '.join(map(str, written))}")
+        resolved, artifacts_resolved = path.resolve(), artifacts.resolve()
+    except (RuntimeError, OSError) as exc:  # a symlink loop (RuntimeError before Python 3.13)
+        raise OutputPathError(f"{flag} {path} cannot be resolved ({exc})") from None
+    if _inside(resolved, artifacts_resolved):
+        raise OutputPathError(
+            f"{flag} {path} is inside the artifact folder {artifacts}: writing there would overwrite the "
+            "artifact folder's files; choose a path outside it"
+        )
+    if resolved.is_dir():
+        raise OutputPathError(f"{flag} {path} is a folder; give a file path, e.g. {path / 'out'}")
+    parent = resolved.parent
+    if not parent.exists():
+        raise OutputPathError(f"{flag} {path}: the folder {path.parent} does not exist; create it first")
+    if not parent.is_dir():
+        raise OutputPathError(f"{flag} {path}: {path.parent} is not a folder")
+    if resolved == source.resolve() or (resolved.exists() and source.exists() and os.path.samefile(resolved, source)):
+        raise OutputPathError(f"{flag} {path} is the input file; choose another path (the input is never overwritten)")
+    try:  # the only reliable writability test (permissions, read-only mounts, root): make a file there
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".upscale-probe-"):
+            pass
+    except OSError as exc:
+        raise OutputPathError(
+            f"{flag} {path}: cannot write in the folder {path.parent} ({exc.strerror or exc}); choose another folder"
+        ) from None
+    return resolved
+
+
+def _check_distinct(paths: dict[str, Path]) -> None:
+    seen: dict[Path, str] = {}
+    for what, resolved in paths.items():
+        if resolved in seen:
+            raise OutputPathError(f"{what} and {seen[resolved]} are the same file {resolved}; give different paths")
+        seen[resolved] = what
+
+
+def _png_arrays(images: torch.Tensor) -> np.ndarray:
+    """Images [B, 3, H, W] in about [-1, 1] -> [B, H, W, 3] uint8."""
+    pixels = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def write_outputs(output: Path, latents: torch.Tensor, png_paths: list[Path] | None = None,
+                  images: torch.Tensor | None = None) -> list[Path]:
+    """Write the latents (and the PNGs) together: every file goes to a temporary name first and is
+    renamed into place only after all of them were written, so a failure leaves none of them."""
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    written = [output]
+    with ExitStack() as stack:  # on exit, renames in reverse order: the latents last
+        partial = stack.enter_context(atomic_output(output))
+        save_file({"latents": latents.detach().cpu().contiguous()}, str(partial))
+        if images is not None:
+            arrays = _png_arrays(images)
+            for target, array in zip(png_paths, arrays):
+                partial = stack.enter_context(atomic_output(target))
+                Image.fromarray(np.ascontiguousarray(array)).save(partial, format="PNG")
+                written.append(target)
+    return written
+
+
+def upscale_command(argv: list[str] | None = None) -> int:
+    """The command; raises the project's exceptions (``main`` turns them into exit codes)."""
+    args = build_parser().parse_args(argv)
+    seed = check_seed(args.seed, "--seed")
+    device = resolve_device(args.device, "--device")
+    if args.decode is not None and args.decode.suffix.lower() != IMAGE_SUFFIX:
+        raise OutputPathError(
+            f"--decode writes PNG images; give a path ending in {IMAGE_SUFFIX}, got {args.decode}"
+        )
+    outputs = {"--output": check_output(args.output, "--output", args.artifacts, args.input)}
+    if args.decode is not None:
+        outputs["--decode"] = check_output(args.decode, "--decode", args.artifacts, args.input)
+    _check_distinct(outputs)
+    latents = read_latents(args.input)
+    png_paths = None
+    if args.decode is not None:
+        png_paths = _png_paths(args.decode, max(1, latents.shape[0]) if latents.dim() == 4 else 1)
+        if len(png_paths) > 1:  # batch > 1: the numbered names are what will be written
+            del outputs["--decode"]
+            for path in png_paths:
+                outputs[f"--decode ({path.name})"] = check_output(path, "--decode", args.artifacts, args.input)
+            _check_distinct(outputs)
+
+    with Upscaler.load(args.artifacts, backend=args.backend, device=device) as upscaler:
+        latents = latents.to(upscaler.device)
+        upscaler.check_input(latents, args.scale, decode=args.decode is not None, latent_format=args.latent_format)
+        out = upscaler.upscale(latents, scale=args.scale, seed=seed, latent_format=args.latent_format)
+        images = upscaler.decode(out, latent_format=args.latent_format) if args.decode else None
+        backend, skipped = upscaler.backend_name, upscaler.skipped_backends
+    written = write_outputs(args.output, out, png_paths, images)
+    note = f", auto skipped {', '.join(skipped)}" if skipped else ""
+    print(
+        f"{tuple(latents.shape)} -> {tuple(out.shape)} ({args.scale}x, backend {backend}{note}); "
+        f"wrote {', '.join(map(str, written))}"
+    )
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Run the command as on the command line: refusals are one ``error:`` line and exit 1."""
+    return run_cli(upscale_command, argv)
+
+
+class _LevelFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {record.getMessage()}"
+
+
+def _log_to_stderr() -> None:
+    """Library warnings (a backend ``auto`` skipped, and why) as ``warning: ...`` lines on stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LevelFormatter())
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
+
+
 if __name__ == "__main__":
+    _log_to_stderr()
     sys.exit(run_cli(main))

@@ -16,7 +16,9 @@ Ownership: every tensor returned owns its memory, whatever the backend reuses in
 
 from __future__ import annotations
 
+import logging
 import math
+import operator
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engines.manifest import Manifest, load_manifest
+from engines.manifest import Manifest, ManifestError, load_manifest
 from engines.profiles import admitting_profile
 
 from .backends import (
@@ -48,16 +50,80 @@ from .latents import (
 )
 from .tiling import decode_tiled
 
+logger = logging.getLogger(__name__)
+
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "onnxruntime-tensorrt", "torch")
 LATENT_FORMATS = ("flux2", "flux2_packed")
 PIPELINE = ("cond_encoder", "unet")
 DECODER = "vae_decoder"
+MAIN_INPUTS = {"cond_encoder": "latents_small", "unet": "sample", DECODER: "latents"}
 PIXELS_PER_LATENT = 8
 TILE_OVERLAP_FRACTION = 4  # overlap = tile / 4
+# What torch.Generator.manual_seed takes without wrapping: it also takes -2**63..-1, as the same
+# generators as seed + 2**64; refusing negatives keeps one spelling per noise.
+SEED_MAX = 2**64 - 1
 
 
 class SizeOutOfRangeError(InvalidLatentsError):
     """Latents the artifact folder's profiles do not cover."""
+
+
+class InvalidArgumentError(ValueError):
+    """An argument other than the latents (seed, device, backend) outside what is accepted; says what is."""
+
+
+class OutputPathError(InvalidArgumentError):
+    """An output path (of ``python -m runtime.upscale``) that cannot or must not be written."""
+
+
+class UpscalerClosedError(RuntimeError):
+    """An ``Upscaler`` used after ``close()`` (or after its ``with`` block)."""
+
+
+def check_seed(seed: object, name: str = "seed") -> int:
+    """``seed`` as an int in 0..2**64-1 (numpy integers too); anything else is refused by name."""
+    accepted = f"an integer in 0..{SEED_MAX} (2**64-1)"
+    if isinstance(seed, (bool, np.bool_)):
+        raise InvalidArgumentError(f"{name} must be {accepted}, got {seed!r}")
+    try:
+        value = operator.index(seed)
+    except TypeError:
+        got = "None" if seed is None else f"{type(seed).__name__} {seed!r:.40}"
+        raise InvalidArgumentError(f"{name} must be {accepted}, got {got}") from None
+    if not 0 <= value <= SEED_MAX:
+        raise InvalidArgumentError(f"{name} must be {accepted}, got {value}")
+    return value
+
+
+def resolve_device(device: str | torch.device | None, name: str = "device") -> torch.device:
+    """The torch device to run on: ``cpu``, ``cuda``, ``cuda:N`` or an index N as torch reads it
+    (None: cuda if present, else cpu).
+
+    Refuses an unknown string or device type (``InvalidArgumentError``) and a CUDA device this
+    machine lacks (``BackendUnavailable``) before anything is loaded.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise InvalidArgumentError(f"{name} must be 'cpu', 'cuda' or 'cuda:N', got {type(device).__name__}")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise InvalidArgumentError(f"{name} must be 'cpu', 'cuda' or 'cuda:N', got {str(device)!r:.60}") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise InvalidArgumentError(f"{name} must be 'cpu', 'cuda' or 'cuda:N', got {str(device)!r:.60}")
+    if parsed.type == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise BackendUnavailable(
+            f"{name} {str(device)!r} asks for CUDA, but this machine has no usable CUDA device "
+            f"(torch {torch.__version__}, torch.cuda.is_available() is False); use cpu"
+        )
+    count = torch.cuda.device_count()
+    index = torch.cuda.current_device() if parsed.index is None else parsed.index
+    if not 0 <= index < count:
+        raise BackendUnavailable(f"{name} {str(device)!r}: this machine has CUDA devices 0..{count - 1}")
+    return torch.device("cuda", index)
 
 
 def _side_range(manifest: Manifest, component: str, name: str) -> tuple[int, int, int]:
@@ -120,23 +186,32 @@ class Upscaler:
             raise InvalidLatentsError(
                 f"{folder} lacks {', '.join(missing)}; rebuild with: {manifest.rebuild_command}"
             )
+        for component, name in MAIN_INPUTS.items():  # what the size checks read; hand-edited manifests
+            record = manifest.components.get(component)
+            ranks = {len(box.get(name, ())) for p in record.profiles for box in (p.min, p.max)} if record else {4}
+            if ranks != {4}:
+                raise ManifestError(
+                    f"{folder}: the {component} profiles must give {name} as [batch, channels, height, width]; "
+                    f"rebuild with: {manifest.rebuild_command}"
+                )
         self.folder, self.manifest, self.backend = folder, manifest, backend
         self.skipped_backends = skipped or {}
         self._lock = threading.Lock()
+        self._closed = False
 
     @classmethod
     def load(cls, artifact_dir: str | Path, backend: str = "auto", device: str | torch.device | None = None) -> Upscaler:
         """Open ``artifact_dir`` (checked against its manifest) with ``backend`` on ``device``.
 
         ``auto`` takes the first that opens of tensorrt, onnxruntime (CUDA, or CPU) and torch;
-        ``skipped_backends`` says why the ones before it did not.
+        ``skipped_backends`` says why the ones before it did not, and each skip is logged as a
+        warning on this module's logger. ``device``: ``cpu``, ``cuda`` or ``cuda:N`` (see
+        ``resolve_device``).
         """
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        if not isinstance(backend, str) or backend not in BACKENDS:
+            raise InvalidArgumentError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         folder = Path(artifact_dir)
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
+        device = resolve_device(device)
         manifest = load_manifest(folder)
         order = [backend] if backend != "auto" else (
             ["tensorrt", "onnxruntime", "torch"] if device.type == "cuda" else ["onnxruntime", "torch"]
@@ -149,6 +224,7 @@ class Upscaler:
                 if backend != "auto":
                     raise
                 skipped[kind] = str(exc)
+                logger.warning("backend auto: skipped %s on %s: %s", kind, device, exc)
         raise BackendUnavailable("no backend can run here: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
 
     @property
@@ -164,7 +240,15 @@ class Upscaler:
         return self.backend.memory_bytes()
 
     def close(self) -> None:
+        """Free the backend; later ``upscale``/``decode`` calls raise ``UpscalerClosedError``."""
+        self._closed = True
         self.backend.close()
+
+    def _require_open(self) -> None:
+        if self._closed:
+            raise UpscalerClosedError(
+                f"this Upscaler ({self.folder}) is closed; load it again with Upscaler.load({str(self.folder)!r})"
+            )
 
     def __enter__(self) -> Upscaler:
         return self
@@ -188,7 +272,15 @@ class Upscaler:
             raise InvalidLatentsError(
                 f"latents are on {latents.device} but this upscaler runs on {self.device}; move them with .to('{self.device}')"
             )
-        return latents
+        # An upscaler does not backpropagate: a tensor that requires grad is read as its values.
+        return latents.detach()
+
+    @staticmethod
+    def _require_batch(x: torch.Tensor) -> None:
+        if x.dim() >= 1 and x.shape[0] == 0:
+            raise InvalidLatentsError(
+                f"latents are an empty batch (shape {tuple(x.shape)}): pass at least one latent [1.., 32, h, w]"
+            )
 
     def _check_range(self, component: str, name: str, shape: tuple[int, ...], what: str) -> None:
         if admitting_profile(self.manifest.components[component].profiles, name, shape) is not None:
@@ -234,9 +326,11 @@ class Upscaler:
 
     def check_input(self, latents, scale: int = 2, decode: bool = False, latent_format: str = "flux2") -> torch.Tensor:
         """Validate everything before any work; returns the unpacked 32-channel latents."""
-        if scale not in SCALES:
+        self._require_open()
+        if isinstance(scale, bool) or scale not in SCALES:
             raise InvalidLatentsError(f"scale must be one of {SCALES}, got {scale!r}")
         x = self._unpacked(latents, latent_format)
+        self._require_batch(x)
         validate_latents(x)
         b, _, h, w = x.shape
         for component, name, shape, what in pass_inputs(b, h, w, scale):
@@ -273,9 +367,11 @@ class Upscaler:
         images [B, 3, 8H, 8W] fp32, about [-1, 1].
         """
         x = self.check_input(latents, scale, decode, latent_format)
+        seed = check_seed(seed)
         as_numpy = isinstance(latents, np.ndarray)
         x = x.float()
         with self._lock, self.backend.on_stream() as caller:
+            self._require_open()  # closed by another thread while this call waited
             _used_here(x, caller)
             generator = torch.Generator("cpu").manual_seed(seed)
             for _ in range(int(math.log2(scale))):
@@ -288,11 +384,14 @@ class Upscaler:
 
     def decode(self, latents, latent_format: str = "flux2"):
         """Normalised latents -> images [B, 3, 8H, 8W] fp32, decoded in tiles beyond one profile tile."""
+        self._require_open()
         x = self._unpacked(latents, latent_format)
+        self._require_batch(x)
         validate_latents(x)
         self._check_decode(x.shape[0], x.shape[2], x.shape[3])
         x = x.float()
         with self._lock, self.backend.on_stream() as caller:
+            self._require_open()  # closed by another thread while this call waited
             _used_here(x, caller)
             images = self._decode(x)
             _hand_over(images, caller)
