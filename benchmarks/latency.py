@@ -31,7 +31,7 @@ from calib.quantize import FLOAT_PART
 from engines.cli import run_cli
 from engines.manifest import ManifestError, load_manifest
 from engines.targets import target_for_device
-from engines.files import atomic_output
+from engines.files import OutputPathError, atomic_output, check_output_file
 from runtime.latents import TIMESTEP
 from runtime.tiling import decode_tiled
 
@@ -454,8 +454,14 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"sizes must be positive multiples of 32 px, got {size}")
     args.command = "python -m benchmarks.latency " + shlex.join(sys.argv[1:] if argv is None else argv)
     try:
+        if args.json:
+            check_output_file(args.json, "--json", protected=args.artifacts)
+        if args.markdown:
+            check_output_file(args.markdown, "--markdown", protected=args.artifacts)
+        if args.plot:
+            check_output_file(args.plot, "--plot", protected=args.artifacts)
         load_manifest(args.artifacts)
-    except ManifestError as exc:
+    except (ManifestError, OutputPathError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     result = run_benchmark(args)

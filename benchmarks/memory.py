@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from engines.cli import run_cli
+from engines.files import OutputPathError, check_output_file
 from engines.manifest import Manifest, ManifestError, load_manifest
 from engines.memory import GraphMemoryModel, MemoryEstimateError
 from runtime.latents import LATENT_CHANNELS, SCALES
@@ -208,8 +209,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--input-px must be a positive multiple of 16 px, got {args.input_px}")
     args.command = "python -m benchmarks.memory " + shlex.join(sys.argv[1:] if argv is None else argv)
     try:
+        if args.json:
+            check_output_file(args.json, "--json", protected=args.artifacts)
+        if args.markdown:
+            check_output_file(args.markdown, "--markdown", protected=args.artifacts)
         load_manifest(args.artifacts)
-    except ManifestError as exc:
+    except (ManifestError, OutputPathError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     result = run_benchmark(args)

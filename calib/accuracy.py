@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from engines.cli import run_cli
-from engines.files import atomic_output
+from engines.files import OutputPathError, atomic_output, check_output_file
 from runtime.backends import OnnxRuntimeBackend
 from runtime.upscaler import run_pass
 
@@ -186,8 +186,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
+        if args.json:
+            check_output_file(args.json, "--json", protected=args.artifacts)
         upscaler = Upscaler.load(args.artifacts, backend=args.backend, device=args.device)
-    except (ManifestError, BackendUnavailable) as exc:
+    except (ManifestError, BackendUnavailable, OutputPathError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     with upscaler:

@@ -56,7 +56,7 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
         return EXIT_BUG
 
 
-SEED_RANGE = (0, 2**63 - 1)  # what torch.Generator.manual_seed and numpy accept alike
+SEED_RANGE = (0, 2**64 - 1)  # what torch.Generator.manual_seed takes (negatives alias seed + 2**64)
 
 
 def int_in_range(lo: int, hi: int) -> Callable[[str], int]:

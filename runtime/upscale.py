@@ -21,12 +21,12 @@ import numpy as np
 import torch
 
 from engines.cli import run_cli
-from engines.files import atomic_output
+from engines.files import OutputPathError, atomic_output, check_output_file
 
 from .latents import read_latents
 # Exceptions raised here are defined in other modules: run as ``python -m``, this module is
 # ``__main__``, and engines.cli.run_cli tells the project's exceptions by their module.
-from .upscaler import BACKENDS, LATENT_FORMATS, SEED_MAX, OutputPathError, Upscaler, check_seed, resolve_device
+from .upscaler import BACKENDS, LATENT_FORMATS, SEED_MAX, Upscaler, check_seed, resolve_device
 
 IMAGE_SUFFIX = ".png"
 
@@ -56,40 +56,6 @@ def _png_paths(path: Path, batch: int) -> list[Path]:
     if batch == 1:
         return [path]
     return [path.with_name(f"{path.stem}_{i}{path.suffix}") for i in range(batch)]
-
-
-def _inside(path: Path, folder: Path) -> bool:
-    return path == folder or folder in path.parents
-
-
-def check_output(path: Path, flag: str, artifacts: Path, source: Path) -> Path:
-    """Refuse, before any work, an output path that cannot or must not be written; its resolved form."""
-    try:
-        resolved, artifacts_resolved = path.resolve(), artifacts.resolve()
-    except (RuntimeError, OSError) as exc:  # a symlink loop (RuntimeError before Python 3.13)
-        raise OutputPathError(f"{flag} {path} cannot be resolved ({exc})") from None
-    if _inside(resolved, artifacts_resolved):
-        raise OutputPathError(
-            f"{flag} {path} is inside the artifact folder {artifacts}: writing there would overwrite the "
-            "artifact folder's files; choose a path outside it"
-        )
-    if resolved.is_dir():
-        raise OutputPathError(f"{flag} {path} is a folder; give a file path, e.g. {path / 'out'}")
-    parent = resolved.parent
-    if not parent.exists():
-        raise OutputPathError(f"{flag} {path}: the folder {path.parent} does not exist; create it first")
-    if not parent.is_dir():
-        raise OutputPathError(f"{flag} {path}: {path.parent} is not a folder")
-    if resolved == source.resolve() or (resolved.exists() and source.exists() and os.path.samefile(resolved, source)):
-        raise OutputPathError(f"{flag} {path} is the input file; choose another path (the input is never overwritten)")
-    try:  # the only reliable writability test (permissions, read-only mounts, root): make a file there
-        with tempfile.NamedTemporaryFile(dir=parent, prefix=".upscale-probe-"):
-            pass
-    except OSError as exc:
-        raise OutputPathError(
-            f"{flag} {path}: cannot write in the folder {path.parent} ({exc.strerror or exc}); choose another folder"
-        ) from None
-    return resolved
 
 
 def _check_distinct(paths: dict[str, Path]) -> None:
@@ -135,9 +101,9 @@ def upscale_command(argv: list[str] | None = None) -> int:
         raise OutputPathError(
             f"--decode writes PNG images; give a path ending in {IMAGE_SUFFIX}, got {args.decode}"
         )
-    outputs = {"--output": check_output(args.output, "--output", args.artifacts, args.input)}
+    outputs = {"--output": check_output_file(args.output, "--output", args.artifacts, args.input)}
     if args.decode is not None:
-        outputs["--decode"] = check_output(args.decode, "--decode", args.artifacts, args.input)
+        outputs["--decode"] = check_output_file(args.decode, "--decode", args.artifacts, args.input)
     _check_distinct(outputs)
     latents = read_latents(args.input)
     png_paths = None
@@ -146,7 +112,7 @@ def upscale_command(argv: list[str] | None = None) -> int:
         if len(png_paths) > 1:  # batch > 1: the numbered names are what will be written
             del outputs["--decode"]
             for path in png_paths:
-                outputs[f"--decode ({path.name})"] = check_output(path, "--decode", args.artifacts, args.input)
+                outputs[f"--decode ({path.name})"] = check_output_file(path, "--decode", args.artifacts, args.input)
             _check_distinct(outputs)
 
     with Upscaler.load(args.artifacts, backend=args.backend, device=device) as upscaler:

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engines.cli import SEED_RANGE
 from engines.manifest import Manifest, ManifestError, load_manifest
 from engines.profiles import admitting_profile
 
@@ -61,7 +62,7 @@ PIXELS_PER_LATENT = 8
 TILE_OVERLAP_FRACTION = 4  # overlap = tile / 4
 # What torch.Generator.manual_seed takes without wrapping: it also takes -2**63..-1, as the same
 # generators as seed + 2**64; refusing negatives keeps one spelling per noise.
-SEED_MAX = 2**64 - 1
+SEED_MAX = SEED_RANGE[1]
 
 
 class SizeOutOfRangeError(InvalidLatentsError):
@@ -70,10 +71,6 @@ class SizeOutOfRangeError(InvalidLatentsError):
 
 class InvalidArgumentError(ValueError):
     """An argument other than the latents (seed, device, backend) outside what is accepted; says what is."""
-
-
-class OutputPathError(InvalidArgumentError):
-    """An output path (of ``python -m runtime.upscale``) that cannot or must not be written."""
 
 
 class UpscalerClosedError(RuntimeError):

@@ -10,6 +10,7 @@ from PIL import Image
 from benchmarks.latency import main
 from benchmarks.memory import ChainEstimate
 from benchmarks.memory import main as memory_main
+from calib.accuracy import main as accuracy_main
 from engines.manifest import load_manifest
 
 @pytest.fixture(scope="module")
@@ -115,3 +116,17 @@ def test_memory_benchmark_bad_arguments(tmp_path, capsys):
     assert exit_info.value.code == 2 and "invalid choice: 3" in capsys.readouterr().err
     assert memory_main(["--artifacts", str(tmp_path), "--device", "cpu"]) == 1
     assert "has no manifest.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [main, memory_main, accuracy_main])
+def test_outputs_inside_the_artifact_folder_or_in_missing_folders_are_refused_before_any_work(artifacts, tmp_path, capsys, command):
+    before = sorted(p.name for p in artifacts.rglob("*"))
+    assert command([str(artifacts), "--json", str(artifacts / "manifest.json")] if command is accuracy_main
+                   else ["--artifacts", str(artifacts), "--json", str(artifacts / "manifest.json")]) == 1
+    assert "is inside the artifact folder" in capsys.readouterr().err
+    missing = str(tmp_path / "nowhere" / "out.json")
+    assert command([str(artifacts), "--json", missing] if command is accuracy_main
+                   else ["--artifacts", str(artifacts), "--json", missing]) == 1
+    assert "does not exist; create it first" in capsys.readouterr().err
+    assert sorted(p.name for p in artifacts.rglob("*")) == before
+    load_manifest(artifacts)

@@ -168,7 +168,7 @@ def test_cli_full_size_encoder_completes_the_onnx_stages_and_says_what_to_run(tm
         (["--max-batch", "20000"], "argument --max-batch: 20000 is outside the accepted range 1..64"),
         (["--min-px", "0"], "argument --min-px: 0 is outside the accepted range 16..65536"),
         (["--workspace-gib", "-1"], "argument --workspace-gib: -1 is outside the accepted range"),
-        (["--seed", str(2**70)], "argument --seed: 1180591620717411303424 is outside the accepted range 0..9223372036854775807"),
+        (["--seed", str(2**70)], "argument --seed: 1180591620717411303424 is outside the accepted range 0..18446744073709551615"),
         (["--calib-size", "0"], "argument --calib-size: 0 is outside the accepted range 1..10000"),
     ],
 )
