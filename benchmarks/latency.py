@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from calib.quantize import FLOAT_PART
-from engines.cli import run_cli
+from engines.cli import int_in_range, run_cli
 from engines.manifest import ManifestError, load_manifest
 from engines.targets import target_for_device
 from engines.files import OutputPathError, atomic_output, check_output_file
@@ -423,8 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backends", type=csv_option(BACKENDS), default=list(BACKENDS), help=",".join(BACKENDS))
     parser.add_argument("--sizes", type=csv_option(None, int), default=[1024, 2048, 4096], help="output sizes in px")
     parser.add_argument("--components", type=csv_option(COMPONENTS), default=list(COMPONENTS), help=",".join(COMPONENTS))
-    parser.add_argument("--runs", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--runs", type=int_in_range(1, 10_000), default=20, help="timed runs per row, 1..10000 (default 20)")
+    parser.add_argument("--warmup", type=int_in_range(0, 1_000), default=3, help="untimed runs first, 0..1000 (default 3)")
     parser.add_argument("--json", type=Path, help="write the results as JSON")
     parser.add_argument("--markdown", type=Path, help="write a Markdown table")
     parser.add_argument("--plot", type=Path, help="write a PNG plot (latency vs size, log-log)")
@@ -447,8 +447,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU here")
-    if args.runs < 1 or args.warmup < 0:
-        parser.error("--runs must be at least 1 and --warmup at least 0")
     for size in args.sizes:
         if size <= 0 or size % 32:
             parser.error(f"sizes must be positive multiples of 32 px, got {size}")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from engines.cli import run_cli
+from engines.cli import int_in_range, run_cli
 from engines.files import OutputPathError, check_output_file
 from engines.manifest import Manifest, ManifestError, load_manifest
 from engines.memory import GraphMemoryModel, MemoryEstimateError
@@ -189,7 +189,7 @@ def markdown(result: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.memory", description=__doc__.split("\n\n")[0])
     parser.add_argument("--artifacts", type=Path, required=True, help="artifact folder from python -m export.build")
-    parser.add_argument("--input-px", type=int, default=1024, help="input image side in px (default 1024)")
+    parser.add_argument("--input-px", type=int_in_range(16, 65536), default=1024, help="input image side in px, a multiple of 16 from 16 to 65536 (default 1024)")
     parser.add_argument("--scale", type=int, default=8, choices=SCALES, help="upscale factor (default 8: 1024 -> 8192 px)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"),
                         help="cuda measures the backends; cpu gives the estimate only")

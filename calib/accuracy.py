@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from engines.cli import run_cli
+from engines.cli import SEED_RANGE, int_in_range, run_cli
 from engines.files import OutputPathError, atomic_output, check_output_file
 from runtime.backends import OnnxRuntimeBackend
 from runtime.upscaler import run_pass
@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=sorted(THRESHOLDS),
                         help="whose limits apply (default: the folder's unet precision)")
     parser.add_argument("--decoded-psnr", action="store_true", help="decode both outputs with the fp32 VAE too")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the pass noise")
+    parser.add_argument("--seed", type=int_in_range(*SEED_RANGE), default=0, help=f"seed of the pass noise, 0..{SEED_RANGE[1]}")
     parser.add_argument("--json", type=Path, help="write the report as JSON")
     add_calibration_arguments(parser, default_size=4)
     return parser

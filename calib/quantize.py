@@ -44,7 +44,7 @@ import numpy as np
 import onnx
 import torch
 
-from engines.cli import run_cli
+from engines.cli import SEED_RANGE, int_in_range, run_cli
 from engines.files import atomic_output
 from engines.targets import PRESETS, TargetError
 from export.checkpoint import add_weight_arguments
@@ -302,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"node groups kept in float: comma-separated {','.join(KEEP_GROUPS)}, or none "
                              f"(default: all)")
     add_weight_arguments(parser, with_vae=True)
-    parser.add_argument("--seed", type=int, default=0, help="seed of --random-weights and of the pass noise")
+    parser.add_argument("--seed", type=int_in_range(*SEED_RANGE), default=0, help=f"seed of --random-weights and of the pass noise, 0..{SEED_RANGE[1]}")
     parser.add_argument("--decoded-psnr", action="store_true",
                         help="also decode both outputs with the fp32 VAE and gate the PSNR (loads the VAE)")
     add_calibration_arguments(parser)

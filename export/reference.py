@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from engines.cli import run_cli
+from engines.cli import SEED_RANGE, int_in_range, run_cli
 from runtime.latents import (
     LATENT_CHANNELS,
     SCALES,
@@ -102,9 +102,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "--random-input", type=_parse_size, metavar="HxW", help="a seeded N(0,1) latent of this size"
     )
     parser.add_argument("--scale", type=int, choices=SCALES, default=2)
-    parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    parser.add_argument("--seed", type=int_in_range(*SEED_RANGE), default=0, help=f"noise seed, 0..{SEED_RANGE[1]} (default 0)")
     parser.add_argument(
-        "--weights-seed", type=int, default=0, help="seed of --random-weights (default 0)"
+        "--weights-seed", type=int_in_range(*SEED_RANGE), default=0, help=f"seed of --random-weights, 0..{SEED_RANGE[1]} (default 0)"
     )
     parser.add_argument(
         "--latent-format",

@@ -62,6 +62,8 @@ def test_cpu_run_writes_json_markdown_and_png_and_reports_what_it_skipped(artifa
         (["--backends", "eager-fp32,openvino"], "unknown openvino"),
         (["--sizes", "1000"], "multiples of 32"),
         (["--components", "unet,attention"], "unknown attention"),
+        (["--runs", "0"], "argument --runs: 0 is outside the accepted range 1..10000"),
+        (["--warmup", "-1"], "argument --warmup: -1 is outside the accepted range 0..1000"),
     ],
 )
 def test_bad_arguments_exit_2(artifacts, capsys, argv, message):

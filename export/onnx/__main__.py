@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from ..checkpoint import CheckpointError, add_weight_arguments, load_unet, load_vae
-from engines.cli import run_cli
+from engines.cli import SEED_RANGE, int_in_range, run_cli
 from engines.files import atomic_output
 from engines.memory import onnxruntime_missing
 from ..models import DECODER_CUTS
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     add_weight_arguments(parser, with_vae=True)
     parser.add_argument("--cut", default=DEFAULT_CUT, choices=sorted(DECODER_CUTS), help="decoder cut for vae_decoder_tail")
-    parser.add_argument("--seed", type=int, default=0, help="seed of --random-weights")
+    parser.add_argument("--seed", type=int_in_range(*SEED_RANGE), default=0, help=f"seed of --random-weights, 0..{SEED_RANGE[1]}")
     return parser
 
 
