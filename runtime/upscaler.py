@@ -237,9 +237,13 @@ class Upscaler:
         return self.backend.memory_bytes()
 
     def close(self) -> None:
-        """Free the backend; later ``upscale``/``decode`` calls raise ``UpscalerClosedError``."""
-        self._closed = True
-        self.backend.close()
+        """Free the backend; later ``upscale``/``decode`` calls raise ``UpscalerClosedError``.
+
+        Waits for a call in progress on another thread: the backend is never freed under it.
+        """
+        with self._lock:
+            self._closed = True
+            self.backend.close()
 
     def _require_open(self) -> None:
         if self._closed:
