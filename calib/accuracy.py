@@ -25,6 +25,8 @@ import torch
 from engines.cli import SEED_RANGE, int_in_range, run_cli
 from engines.files import OutputPathError, atomic_output, check_output_file
 from runtime.backends import OnnxRuntimeBackend
+from runtime.noise import CpuNoise
+from runtime.numerics import full_fp32
 from runtime.upscaler import run_pass
 
 from .data import CalibrationError, CalibrationSet, add_calibration_arguments, calibration_from_args
@@ -135,9 +137,9 @@ def measure(
     report = AccuracyReport(precision, THRESHOLDS[precision])
     unet = unet.eval()
     for index, latents in enumerate(calibration.samples):
-        with torch.inference_mode():
+        with torch.inference_mode(), full_fp32():  # the reference and its decoder in IEEE fp32
             reference = reference_upscale(unet, latents, scale=2, seed=seed + index)
-            got = run_pass(run, latents.to(device), torch.Generator("cpu").manual_seed(seed + index)).cpu()
+            got = run_pass(run, latents.to(device), CpuNoise(seed + index, device)).cpu()
             diff = (got.double() - reference.double())
             sample = {
                 "shape": list(latents.shape[2:]),

@@ -138,7 +138,8 @@ def _named(model: onnx.ModelProto) -> onnx.ModelProto:
 def calibration_inputs(component: str, models, calibration: CalibrationSet, seed: int = 0) -> list[dict[str, np.ndarray]]:
     """Each sample's fp32 inputs of ``component`` in one pass: the eager encoder feeds the U-Net."""
     from export.onnx.components import COMPONENTS as SPECS
-    from runtime.latents import TIMESTEP, pass_noise
+    from runtime.latents import TIMESTEP
+    from runtime.noise import CpuNoise
 
     encoder = SPECS["cond_encoder"].module(models)
     feeds = []
@@ -149,7 +150,7 @@ def calibration_inputs(component: str, models, calibration: CalibrationSet, seed
             continue
         with torch.inference_mode():
             encoded = encoder(latents, timestep)
-        noise = pass_noise(torch.Generator("cpu").manual_seed(seed + index), latents)
+        noise = CpuNoise(seed + index).next_pass(latents)
         names = SPECS["cond_encoder"].outputs
         feeds.append({"sample": noise.numpy(), **{n: t.float().numpy() for n, t in zip(names, encoded)}})
     return feeds

@@ -22,12 +22,13 @@ from runtime.latents import (
     InvalidLatentsError,
     describe_shape,
     pack,
-    pass_noise,
     read_latents,
     unpack,
     validate_latents,
     write_latents,
 )
+from runtime.noise import CpuNoise
+from runtime.numerics import full_fp32
 
 from .checkpoint import CheckpointError, add_weight_arguments, load_unet
 from .models.upscaler_unet import UpscalerUNet
@@ -48,12 +49,13 @@ def validate_pass_inputs(sample: torch.Tensor, latents_small: torch.Tensor) -> N
 
 @torch.no_grad()
 def velocity(model: UpscalerUNet, sample: torch.Tensor, latents_small: torch.Tensor) -> torch.Tensor:
-    """The model's velocity at t = 1000, in fp32, after input validation."""
+    """The model's velocity at t = 1000, in IEEE fp32 (TF32 off), after input validation."""
     validate_pass_inputs(sample, latents_small)
     if model.training:
         raise RuntimeError("the model is in training mode (dropout active); call model.eval() first")
     timestep = torch.full((sample.shape[0],), TIMESTEP, dtype=torch.float32, device=sample.device)
-    return model(sample=sample.float(), timestep=timestep, latents_small=latents_small.float()).float()
+    with full_fp32():
+        return model(sample=sample.float(), timestep=timestep, latents_small=latents_small.float()).float()
 
 
 def upscale_step(model: UpscalerUNet, latents_small: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -71,10 +73,10 @@ def upscale(
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {SCALES}, got {scale}")
     validate_latents(latents)
-    generator = torch.Generator("cpu").manual_seed(seed)
+    noise = CpuNoise(seed)
     x = latents.float()
     for _ in range(int(math.log2(scale))):
-        x = upscale_step(model, x, pass_noise(generator, x))
+        x = upscale_step(model, x, noise.next_pass(x))
     return x
 
 

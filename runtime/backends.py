@@ -8,7 +8,7 @@ It knows the artifact folder's components, not the pipeline: chaining, noise and
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import ContextManager
@@ -18,6 +18,9 @@ import torch
 
 from engines.manifest import ComponentRecord, Manifest
 from engines.memory import onnxruntime_missing
+
+from .latents import TIMESTEP
+from .numerics import full_fp32
 
 Tensors = dict[str, torch.Tensor]
 
@@ -49,6 +52,11 @@ class Backend(ABC):
         run on the caller's and yield None.
         """
         return nullcontext()
+
+    def fused_pass(self, latents_small: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+        """``(latents_small, noise) -> x0`` running a whole 2x pass as one unit (a compiled graph),
+        if the backend has one for these inputs; None: the pipeline calls ``run`` per component."""
+        return None
 
     def close(self) -> None:
         """Free what the backend holds; it cannot run afterwards."""
@@ -275,39 +283,125 @@ def _numpy_dtype(dtype: torch.dtype):
     return torch.empty((), dtype=dtype).numpy().dtype.type
 
 
-class TorchBackend(Backend):
-    """Eager PyTorch in fp32: the reference, rebuilt from the weights the manifest names.
+TORCH_PRECISIONS = ("fp32", "fp16", "bf16")
+# torch.compile modes; the ones that capture CUDA graphs replay a whole pass per shape on the GPU.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
-    The only runtime code that imports ``export`` (lazily): the models are defined there. The
-    weights are checked against the digests recorded at build time, so this backend runs exactly
-    what the graphs were exported from.
+
+class TorchBackend(Backend):
+    """Eager (or compiled) PyTorch, rebuilt from the weights the manifest names.
+
+    The only runtime code that imports ``export``, and only its model definitions
+    (``export.models``, ``export.checkpoint``), lazily. The weights are checked against the digests
+    recorded at build time, so this backend runs exactly what the graphs were exported from.
+
+    - ``precision="fp32"`` (default) is the reference: IEEE fp32, TF32 off while it runs
+      (``runtime.numerics.full_fp32``). ``fp16``/``bf16`` follow the exported graphs' precision
+      policy (``export.models.precision``: fp32 time embedding and GroupNorm statistics, fp32 at
+      the pass's boundaries); the VAE decoder then runs in bf16 (FLUX's VAE overflows fp16).
+    - ``compile_mode`` (one of ``COMPILE_MODES``): channels-last weights, and ``torch.compile`` of
+      the whole pass (encoder, U-Net, ``x0 = noise - v``) and of the decoder, one compilation per
+      input shape (the first call at a shape pays it; Inductor's on-disk cache, under
+      ``TORCHINDUCTOR_CACHE_DIR``, spares a second process most of it). ``reduce-overhead`` and
+      ``max-autotune`` replay each shape's pass as a CUDA graph.
     """
 
     name = "torch"
 
-    def __init__(self, manifest: Manifest, device: torch.device):
-        from export.build import models_from_weights_record
+    def __init__(
+        self,
+        manifest: Manifest,
+        device: torch.device,
+        precision: str = "fp32",
+        compile_mode: str | None = None,
+    ):
+        if precision not in TORCH_PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(TORCH_PRECISIONS)}, got {precision!r}")
+        if compile_mode is not None and compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {', '.join(COMPILE_MODES)} or None, got {compile_mode!r}")
         from export.checkpoint import CheckpointError
+        from export.models.components import PARTS, Models
+        from export.models.precision import DEFAULT_POLICY, apply_policy, typed_part
+        from export.models.weights_record import models_from_weights_record
 
         try:
             models = models_from_weights_record(manifest.weights, list(manifest.components))
         except (ValueError, TypeError, KeyError, CheckpointError) as exc:  # a hand-edited weight record too
             raise BackendUnavailable(f"the torch backend cannot rebuild the models: {exc}") from exc
-        from export.onnx.components import COMPONENTS
+        self.device, self.precision, self.compile_mode = device, precision, compile_mode
+        self.name = "torch" if precision == "fp32" and compile_mode is None else (
+            f"torch-{precision}" + (f"-compile-{compile_mode}" if compile_mode else "")
+        )
+        policy = DEFAULT_POLICY[precision]
+        decoder_policy = DEFAULT_POLICY["fp32" if precision == "fp32" else "bf16"]
+        if models.unet is not None and precision != "fp32":
+            models = Models(unet=apply_policy(models.unet, policy), vae=models.vae, cut=models.cut)
+        self._channels_last = compile_mode is not None
+        self._modules, self._parts = {}, {}
+        for name in manifest.components:
+            part = PARTS[name]
+            module, part_policy = part.module(models), policy
+            if part.needs == "vae":
+                part_policy = decoder_policy
+                module = apply_policy(module, part_policy) if part_policy.dtype != "fp32" else module
+            module = typed_part(part, module, part_policy.torch_dtype).to(device)
+            if self._channels_last:
+                module = module.to(memory_format=torch.channels_last)
+            self._modules[name], self._parts[name] = module, part
+        self._decode = self._modules.get("vae_decoder")
+        self._pass = None
+        if compile_mode is not None:
+            self._pass = torch.compile(self._eager_pass, mode=compile_mode, dynamic=False, fullgraph=True)
+            if self._decode is not None:
+                self._decode = torch.compile(self._decode, mode=compile_mode, dynamic=False, fullgraph=True)
 
-        self.device = device
-        self._modules = {
-            name: COMPONENTS[name].module(models).to(device) for name in manifest.components
-        }
-        self._inputs = {name: COMPONENTS[name].inputs for name in manifest.components}
-        self._outputs = {name: COMPONENTS[name].outputs for name in manifest.components}
+    def _numerics(self) -> ContextManager[None]:
+        return full_fp32() if self.precision == "fp32" else nullcontext()
+
+    def _eager_pass(self, latents_small: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        timestep = torch.full((latents_small.shape[0],), TIMESTEP, dtype=torch.float32, device=latents_small.device)
+        encoded = self._modules["cond_encoder"](latents_small, timestep)
+        return noise - self._modules["unet"](noise, *encoded)
+
+    def _prepared(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self._channels_last and tensor.dim() == 4:
+            return tensor.contiguous(memory_format=torch.channels_last)
+        return tensor
+
+    def fused_pass(self, latents_small: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+        if self._pass is None or "cond_encoder" not in self._modules:
+            return None
+        return self._run_compiled_pass
+
+    @torch.no_grad()
+    def _run_compiled_pass(self, latents_small: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        if self.compile_mode in CUDA_GRAPH_MODES:
+            torch.compiler.cudagraph_mark_step_begin()
+        with self._numerics():
+            x0 = self._pass(self._prepared(latents_small), self._prepared(noise))
+        return self._handed_over(x0)
+
+    def _handed_over(self, tensor: torch.Tensor) -> torch.Tensor:
+        """An fp32 output as the caller gets it: the standard layout, and memory of its own where
+        a CUDA graph would overwrite it on its next replay."""
+        if self.compile_mode in CUDA_GRAPH_MODES:
+            return tensor.clone(memory_format=torch.contiguous_format)
+        return tensor.contiguous()
 
     @torch.no_grad()
     def run(self, component: str, inputs: Tensors) -> Tensors:
-        args = [inputs[n].float() for n in self._inputs[component]]
-        result = self._modules[component](*args)
+        part = self._parts[component]
+        args = [self._prepared(inputs[n]) for n in part.inputs]
+        compiled = component == "vae_decoder" and self.compile_mode is not None
+        if compiled and self.compile_mode in CUDA_GRAPH_MODES:
+            torch.compiler.cudagraph_mark_step_begin()
+        with self._numerics():
+            result = (self._decode if compiled else self._modules[component])(*args)
         result = (result,) if isinstance(result, torch.Tensor) else result
-        return dict(zip(self._outputs[component], result))
+        return {
+            n: self._handed_over(r) if n in part.fp32_outputs else r for n, r in zip(part.outputs, result)
+        }
 
     def memory_bytes(self) -> int:
         if self.device.type == "cpu":
@@ -318,3 +412,4 @@ class TorchBackend(Backend):
 
     def close(self) -> None:
         self._modules.clear()
+        self._pass = self._decode = None

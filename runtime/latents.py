@@ -6,9 +6,8 @@ ComfyUI passes around, so ``pack``/``unpack`` are patchify/unpatchify with their
 checked.
 
 This module is the latent contract shared by the eager reference (``export``) and the runtime, so
-it lives on the runtime side, which must not import ``export``. Noise: one CPU ``torch.Generator``
-seeded with ``seed``; pass k draws its [B, 32, 2h, 2w] fp32 noise with ``torch.randn`` after passes
-0..k-1 drew theirs. Drawing on the CPU makes the noise identical on every device and backend.
+it lives on the runtime side, which must not import ``export``. The noise convention is in
+``runtime.noise``.
 """
 
 from __future__ import annotations
@@ -140,13 +139,6 @@ def validate_latents(latents: torch.Tensor, name: str = "latents", grid: int = 2
         raise InvalidLatentsError(f"{name} must be a floating-point tensor, got {latents.dtype}")
     if not torch.isfinite(latents).all():
         raise InvalidLatentsError(f"{name} contains NaN or Inf values")
-
-
-def pass_noise(generator: torch.Generator, latents_small: torch.Tensor) -> torch.Tensor:
-    """The next pass's noise, [B, 32, 2h, 2w] fp32 drawn on the CPU, moved to the input's device."""
-    b, c, h, w = latents_small.shape
-    noise = torch.randn((b, c, 2 * h, 2 * w), generator=generator, dtype=torch.float32)
-    return noise.to(latents_small.device)
 
 
 def read_latents(path: str | Path) -> torch.Tensor:

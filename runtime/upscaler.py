@@ -1,8 +1,9 @@
 """``Upscaler``: load an artifact folder once, then upscale latents 2x, 4x or 8x per call.
 
 One pass: ``cond_encoder(latents_small, t=1000)`` -> ``unet(noise, cond, lr1..3)`` -> velocity,
-then ``x0 = noise - velocity`` in fp32; 4x and 8x chain passes. Noise follows ``runtime.latents``
-(CPU generator, drawn pass by pass), so every backend sees the same noise for the same seed.
+then ``x0 = noise - velocity`` in fp32; 4x and 8x chain passes. Noise (``runtime.noise``): on the
+CPU the cross-backend convention, on CUDA drawn on the device unless ``noise="cpu"`` asks for the
+convention; a seed list gives every batch item the result it gets alone with its seed.
 
 Thread safety: one lock per ``Upscaler`` serialises the backend work of concurrent ``upscale``
 calls (TensorRT execution contexts, IO bindings and reused buffers are not re-entrant); input
@@ -20,7 +21,8 @@ import logging
 import math
 import operator
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +33,9 @@ from engines.manifest import Manifest, ManifestError, load_manifest
 from engines.profiles import admitting_profile
 
 from .backends import (
+    COMPILE_MODES,
     ORT_TENSORRT_CACHE,
+    TORCH_PRECISIONS,
     Backend,
     BackendUnavailable,
     OnnxRuntimeBackend,
@@ -45,15 +49,20 @@ from .latents import (
     TIMESTEP,
     InvalidLatentsError,
     pack,
-    pass_noise,
     unpack,
     validate_latents,
 )
+from .noise import NOISE_MODES, CpuNoise, DeviceNoise, Noise, Seeds, chain_noise_shapes
 from .tiling import decode_tiled
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "onnxruntime-tensorrt", "torch")
+# What ``auto`` tries, in order. CUDA: TensorRT first; the order of the others is to be set by the
+# H100 measurement (benchmarks.latency --backends runtime rows); until then ONNX Runtime's CUDA
+# provider, then torch in the folder's precision. The CPU: ONNX Runtime, then torch.
+AUTO_ORDER_CUDA = ("tensorrt", "onnxruntime", "torch")
+AUTO_ORDER_CPU = ("onnxruntime", "torch")
 LATENT_FORMATS = ("flux2", "flux2_packed")
 PIPELINE = ("cond_encoder", "unet")
 DECODER = "vae_decoder"
@@ -75,6 +84,18 @@ class InvalidArgumentError(ValueError):
 
 class UpscalerClosedError(RuntimeError):
     """An ``Upscaler`` used after ``close()`` (or after its ``with`` block)."""
+
+
+def check_seeds(seed: object, batch: int) -> Seeds:
+    """``seed`` as an int, or as a list of one int per batch item; each in 0..2**64-1."""
+    if isinstance(seed, (list, tuple, np.ndarray, torch.Tensor)):
+        seeds = seed.tolist() if isinstance(seed, (np.ndarray, torch.Tensor)) else list(seed)
+        if len(seeds) != batch or isinstance(seed, (np.ndarray, torch.Tensor)) and seed.ndim != 1:
+            raise InvalidArgumentError(
+                f"seed as a list needs one seed per batch item: {batch} for this batch, got {len(seeds)}"
+            )
+        return [check_seed(s, f"seed[{i}]") for i, s in enumerate(seeds)]
+    return check_seed(seed)
 
 
 def check_seed(seed: object, name: str = "seed") -> int:
@@ -143,14 +164,20 @@ def pass_inputs(batch: int, height: int, width: int, scale: int) -> list[tuple[s
     return checks
 
 
-def _open_backend(kind: str, folder: Path, device: torch.device) -> Backend:
+def folder_float_precision(manifest: Manifest) -> str:
+    """The float precision the folder's U-Net graphs were built in (fp32 for quantized or fp32 ones)."""
+    precision = manifest.components["unet"].precision if "unet" in manifest.components else "fp32"
+    return precision if precision in ("fp16", "bf16") else "fp32"
+
+
+def _open_backend(kind: str, folder: Path, device: torch.device, torch_options: dict) -> Backend:
     if kind == "tensorrt":
         from .tensorrt_backend import TensorRTBackend
 
         return TensorRTBackend.from_folder(folder, device)
     manifest = load_manifest(folder)
     if kind == "torch":
-        return TorchBackend(manifest, device)
+        return TorchBackend(manifest, device, **torch_options)
     graphs = {name: folder / record.onnx_file for name, record in manifest.components.items()}
     if kind == "onnxruntime-tensorrt":
         if device.type != "cuda":
@@ -165,19 +192,29 @@ def _open_backend(kind: str, folder: Path, device: torch.device) -> Backend:
     return OnnxRuntimeBackend(graphs, device, provider="cpu" if device.type == "cpu" else "cuda")
 
 
-def run_pass(run: Callable[[str, dict], dict], latents_small: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One 2x pass through ``run(component, inputs) -> outputs`` (a backend's, or any graphs')."""
+def run_pass(run: Callable[[str, dict], dict], latents_small: torch.Tensor, noise: Noise) -> torch.Tensor:
+    """One 2x pass through ``run(component, inputs) -> outputs`` (a backend's, or any graphs').
+
+    The noise is fetched after the encoder is launched: on a GPU the encoder runs meanwhile.
+    """
     timestep = torch.full((latents_small.shape[0],), TIMESTEP, dtype=torch.float32, device=latents_small.device)
     encoded = run("cond_encoder", {"latents_small": latents_small, "timestep": timestep})
-    noise = pass_noise(generator, latents_small)
-    velocity = run("unet", {"sample": noise, **encoded})["velocity"]
-    return noise - velocity.float()
+    sample = noise.next_pass(latents_small)
+    velocity = run("unet", {"sample": sample, **encoded})["velocity"]
+    return sample - velocity.float()
 
 
 class Upscaler:
     """Latent upscaling with the engines (or graphs, or eager models) of one artifact folder."""
 
-    def __init__(self, folder: Path, manifest: Manifest, backend: Backend, skipped: dict[str, str] | None = None):
+    def __init__(
+        self,
+        folder: Path,
+        manifest: Manifest,
+        backend: Backend,
+        skipped: dict[str, str] | None = None,
+        noise: str = "auto",
+    ):
         missing = [c for c in PIPELINE if c not in manifest.components]
         if missing:
             raise InvalidLatentsError(
@@ -191,32 +228,67 @@ class Upscaler:
                     f"{folder}: the {component} profiles must give {name} as [batch, channels, height, width]; "
                     f"rebuild with: {manifest.rebuild_command}"
                 )
+        if noise not in NOISE_MODES:
+            raise InvalidArgumentError(f"noise must be one of {', '.join(NOISE_MODES)}, got {noise!r}")
         self.folder, self.manifest, self.backend = folder, manifest, backend
+        self.noise_mode = ("device" if backend.device.type == "cuda" else "cpu") if noise == "auto" else noise
         self.skipped_backends = skipped or {}
         self._lock = threading.Lock()
         self._closed = False
+        # CPU noise on a GPU is drawn ahead on this worker while the GPU runs.
+        self._noise_worker = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="flow-upscaler-noise")
+            if self.noise_mode == "cpu" and backend.device.type == "cuda" else None
+        )
 
     @classmethod
-    def load(cls, artifact_dir: str | Path, backend: str = "auto", device: str | torch.device | None = None) -> Upscaler:
+    def load(
+        cls,
+        artifact_dir: str | Path,
+        backend: str = "auto",
+        device: str | torch.device | None = None,
+        noise: str = "auto",
+        precision: str | None = None,
+        compile_mode: str | None = None,
+    ) -> Upscaler:
         """Open ``artifact_dir`` (checked against its manifest) with ``backend`` on ``device``.
 
         ``auto`` takes the first that opens of tensorrt, onnxruntime (CUDA, or CPU) and torch;
         ``skipped_backends`` says why the ones before it did not, and each skip is logged as a
         warning on this module's logger. ``device``: ``cpu``, ``cuda`` or ``cuda:N`` (see
-        ``resolve_device``).
+        ``resolve_device``). ``noise``: ``cpu`` (the cross-backend convention), ``device`` (drawn
+        on the GPU: no host work, reproducible on the same GPU model) or ``auto`` (device on
+        CUDA, cpu on the CPU); see ``runtime.noise``.
+
+        ``precision`` and ``compile_mode`` configure the torch backend (see ``TorchBackend``):
+        asked for by name it runs fp32, the reference, unless ``precision`` says otherwise; chosen
+        by ``auto`` on CUDA it runs the folder's float precision. Other backends run the folder's
+        graphs or engines as built and refuse these options.
         """
         if not isinstance(backend, str) or backend not in BACKENDS:
             raise InvalidArgumentError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        if noise not in NOISE_MODES:
+            raise InvalidArgumentError(f"noise must be one of {', '.join(NOISE_MODES)}, got {noise!r}")
+        if precision is not None and precision not in TORCH_PRECISIONS:
+            raise InvalidArgumentError(f"precision must be one of {', '.join(TORCH_PRECISIONS)}, got {precision!r}")
+        if compile_mode is not None and compile_mode not in COMPILE_MODES:
+            raise InvalidArgumentError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {compile_mode!r}")
+        if backend not in ("auto", "torch") and (precision, compile_mode) != (None, None):
+            raise InvalidArgumentError(
+                f"precision and compile_mode configure the torch backend; the {backend} backend runs the "
+                "folder's graphs as built (rebuild with --precision to change theirs)"
+            )
         folder = Path(artifact_dir)
         device = resolve_device(device)
         manifest = load_manifest(folder)
-        order = [backend] if backend != "auto" else (
-            ["tensorrt", "onnxruntime", "torch"] if device.type == "cuda" else ["onnxruntime", "torch"]
-        )
+        order = [backend] if backend != "auto" else (AUTO_ORDER_CUDA if device.type == "cuda" else AUTO_ORDER_CPU)
+        if precision is None and backend == "auto" and device.type == "cuda":
+            precision = folder_float_precision(manifest)
+        torch_options = {"precision": precision or "fp32", "compile_mode": compile_mode}
         skipped = {}
         for kind in order:
             try:
-                return cls(folder, manifest, _open_backend(kind, folder, device), skipped)
+                return cls(folder, manifest, _open_backend(kind, folder, device, torch_options), skipped, noise)
             except BackendUnavailable as exc:
                 if backend != "auto":
                     raise
@@ -244,6 +316,8 @@ class Upscaler:
         with self._lock:
             self._closed = True
             self.backend.close()
+            if self._noise_worker is not None:
+                self._noise_worker.shutdown(wait=True)
 
     def _require_open(self) -> None:
         if self._closed:
@@ -342,8 +416,17 @@ class Upscaler:
 
     # -- work ---------------------------------------------------------------------------------
 
-    def _pass(self, latents_small: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return run_pass(self.backend.run, latents_small, generator)
+    def _noise(self, seeds: Seeds, shape: tuple[int, ...], scale: int) -> Noise:
+        if self.noise_mode == "device":
+            return DeviceNoise(seeds, self.device)
+        ahead = chain_noise_shapes(shape[0], shape[2], shape[3], int(math.log2(scale)))
+        return CpuNoise(seeds, self.device, ahead, self._noise_worker)
+
+    def _pass(self, latents_small: torch.Tensor, noise: Noise) -> torch.Tensor:
+        fused = self.backend.fused_pass(latents_small)
+        if fused is not None:
+            return fused(latents_small, noise.next_pass(latents_small))
+        return run_pass(self.backend.run, latents_small, noise)
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         profile = self.manifest.components[DECODER].profiles[0]
@@ -356,34 +439,35 @@ class Upscaler:
 
     def upscale(
         self,
-        latents,
+        latents: torch.Tensor | np.ndarray,
         scale: int = 2,
-        seed: int = 0,
+        seed: int | Sequence[int] = 0,
         decode: bool = False,
         latent_format: str = "flux2",
-    ):
+    ) -> torch.Tensor | np.ndarray:
         """Normalised FLUX.2 latents in, latents ``scale`` times larger out (or images with ``decode``).
 
-        Output: the input's form (packed stays packed; numpy in, numpy out); with ``decode``,
-        images [B, 3, 8H, 8W] fp32, about [-1, 1].
+        ``seed``: an int for the whole batch, or one int per batch item (each item then equals
+        its result alone with its seed). Output: the input's form (packed stays packed; numpy in,
+        numpy out); with ``decode``, images [B, 3, 8H, 8W] fp32, about [-1, 1].
         """
         x = self.check_input(latents, scale, decode, latent_format)
-        seed = check_seed(seed)
+        seeds = check_seeds(seed, x.shape[0])
         as_numpy = isinstance(latents, np.ndarray)
         x = x.float()
         with self._lock, self.backend.on_stream() as caller:
             self._require_open()  # closed by another thread while this call waited
             _used_here(x, caller)
-            generator = torch.Generator("cpu").manual_seed(seed)
+            noise = self._noise(seeds, tuple(x.shape), scale)
             for _ in range(int(math.log2(scale))):
-                x = self._pass(x, generator)
+                x = self._pass(x, noise)
             out = self._decode(x) if decode else x
             _hand_over(out, caller)
         if not decode and latent_format == "flux2_packed":
             out = pack(out)
         return out.numpy() if as_numpy else out
 
-    def decode(self, latents, latent_format: str = "flux2"):
+    def decode(self, latents: torch.Tensor | np.ndarray, latent_format: str = "flux2") -> torch.Tensor | np.ndarray:
         """Normalised latents -> images [B, 3, 8H, 8W] fp32, decoded in tiles beyond one profile tile."""
         self._require_open()
         x = self._unpacked(latents, latent_format)

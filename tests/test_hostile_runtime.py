@@ -178,10 +178,10 @@ def test_cli_says_which_backends_auto_skipped_and_why(small_artifacts, tmp_path)
 import runtime.upscaler as upscaler
 from runtime.backends import BackendUnavailable
 opened = upscaler._open_backend
-def without_onnxruntime(kind, folder, device):
+def without_onnxruntime(kind, folder, device, *options):
     if kind == "onnxruntime":
         raise BackendUnavailable("ONNX Runtime hidden by the test")
-    return opened(kind, folder, device)
+    return opened(kind, folder, device, *options)
 upscaler._open_backend = without_onnxruntime
 """ + RUN_MODULE
     write_latents(tmp_path / "in.safetensors", _latents(1, 32, 8, 8))
@@ -285,10 +285,10 @@ def test_auto_logs_each_skipped_backend(small_artifacts, monkeypatch):
 
     opened = module._open_backend
 
-    def without_onnxruntime(kind, folder, device):
+    def without_onnxruntime(kind, folder, device, *options):
         if kind == "onnxruntime":
             raise BackendUnavailable("ONNX Runtime hidden by the test")
-        return opened(kind, folder, device)
+        return opened(kind, folder, device, *options)
 
     records: list[logging.LogRecord] = []
     handler = logging.Handler()

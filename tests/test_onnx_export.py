@@ -15,7 +15,7 @@ from export.models import UpscalerUNet, VAEDecoder
 from export.onnx.__main__ import main
 from export.onnx.components import COMPONENTS, Models
 from export.onnx.exporter import export_component, graph_filename
-from export.onnx.precision import DEFAULT_POLICY, Fp32NearestUpsample, apply_policy
+from export.models.precision import DEFAULT_POLICY, Fp32NearestUpsample, apply_policy
 from export.onnx.validate import validate_graph
 from tests.conftest import SMALL_UNET, SMALL_VAE
 

@@ -21,7 +21,7 @@ from engines.tensorrt_build import ACTIVATION_RESIZE_FEATURE, BuildOptions, buil
 from export.build import BuildError, BuildSettings, build_artifacts
 from export.onnx.components import COMPONENTS, Models
 from export.onnx.exporter import example_inputs, export_component
-from export.onnx.precision import DEFAULT_POLICY
+from export.models.precision import DEFAULT_POLICY
 
 from .test_profile_coverage import admitted_inputs
 

@@ -16,7 +16,7 @@ from engines.memory import onnxruntime_missing
 from ..models import DECODER_CUTS
 from .components import COMPONENTS, DEFAULT_CUT, Models
 from .exporter import OPSET, export_component, graph_filename
-from .precision import DTYPES
+from ..models.precision import DTYPES
 from .validate import validate_graph
 
 

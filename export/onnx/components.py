@@ -6,35 +6,22 @@ carry the names of ``unet``'s matching inputs, so the runtime can pass them on b
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable
 
 import torch
-from torch import nn
 
-from ..models import ConditioningEncoder, UNetBody, VAEDecoder, VAEDecoderHead, VAEDecoderTail
-from ..models.components import COND_ENCODER_INPUTS, COND_ENCODER_OUTPUTS, UNET_INPUTS, UNET_OUTPUTS
+from ..models import ConditioningEncoder, VAEDecoder, VAEDecoderHead
+from ..models.components import DEFAULT_CUT, PARTS, Models, Part
 from runtime.latents import TIMESTEP
 
-DEFAULT_CUT = "f3"
-
-
-@dataclass
-class Models:
-    """The fp32 eager models a component is cut from (None where not loaded)."""
-
-    unet: nn.Module | None = None
-    vae: nn.Module | None = None
-    cut: str = DEFAULT_CUT
+__all__ = ["COMPONENTS", "DEFAULT_CUT", "Component", "Models"]
 
 
 @dataclass(frozen=True)
-class Component:
-    """One exported graph.
+class Component(Part):
+    """One exported graph: a model part (``export.models.components.PARTS``) and how to trace it.
 
-    ``fp32_inputs``/``fp32_outputs`` name the tensors that are fp32 at the graph boundary in
-    every precision variant (cast to/from the compute dtype inside); ``exact_inputs`` are fp32
-    and used uncast (the timestep). All other inputs and outputs are in the compute dtype.
     ``export_size`` and ``check_sizes`` are (batch, height, width) of the main input for
     tracing and for validation;
     the second check size is non-square and not the traced one.
@@ -42,30 +29,23 @@ class Component:
     main input, which must be a multiple of ``grid``; engine profiles are derived from it.
     """
 
-    name: str
-    needs: str
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
-    dynamic_axes: dict[str, dict[int, str]]
-    fp32_inputs: frozenset[str]
-    fp32_outputs: frozenset[str]
-    build: Callable[[Models], nn.Module] = field(repr=False)
-    make_inputs: Callable[[Models, int, int, int, torch.Generator], tuple[torch.Tensor, ...]] = field(
-        repr=False
+    dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)
+    make_inputs: Callable[[Models, int, int, int, torch.Generator], tuple[torch.Tensor, ...]] | None = field(
+        default=None, repr=False
     )
     export_size: tuple[int, int, int] = (1, 8, 12)
     check_sizes: tuple[tuple[int, int, int], ...] = ((1, 8, 12), (2, 10, 14), (1, 12, 6))
     output_axes: dict[str, dict[int, str]] = field(default_factory=dict)
-    exact_inputs: frozenset[str] = frozenset()
     input_shapes: Callable[[Models, int, int, int], dict[str, tuple[int, ...]]] | None = field(
         default=None, repr=False
     )
     grid: int = 2
 
-    def module(self, models: Models) -> nn.Module:
-        if getattr(models, self.needs) is None:
-            raise ValueError(f"component {self.name!r} needs the {self.needs} model, which is not loaded")
-        return self.build(models).eval()
+
+def _part(name: str) -> dict:
+    """The fields of the model part ``name``, to extend into a Component."""
+    part = PARTS[name]
+    return {f.name: getattr(part, f.name) for f in fields(Part)}
 
 
 def _spatial(prefix: str = "") -> dict[int, str]:
@@ -124,24 +104,14 @@ COMPONENTS: dict[str, Component] = {
     c.name: c
     for c in (
         Component(
-            name="cond_encoder",
-            needs="unet",
-            inputs=COND_ENCODER_INPUTS,
-            outputs=COND_ENCODER_OUTPUTS,
+            **_part("cond_encoder"),
             dynamic_axes={"latents_small": _spatial(), "timestep": {0: "batch"}},
             output_axes={"cond": {0: "batch"}, "lr1": _spatial()},
-            fp32_inputs=frozenset({"latents_small"}),
-            exact_inputs=frozenset({"timestep"}),
-            fp32_outputs=frozenset(),
-            build=lambda m: ConditioningEncoder(m.unet),
             make_inputs=_cond_encoder_inputs,
             input_shapes=_cond_encoder_shapes,
         ),
         Component(
-            name="unet",
-            needs="unet",
-            inputs=UNET_INPUTS,
-            outputs=UNET_OUTPUTS,
+            **_part("unet"),
             dynamic_axes={
                 "sample": _spatial(),
                 "cond": {0: "batch"},
@@ -150,36 +120,21 @@ COMPONENTS: dict[str, Component] = {
                 "lr3": _spatial("lr3_"),
             },
             output_axes={"velocity": _spatial()},
-            fp32_inputs=frozenset({"sample"}),
-            fp32_outputs=frozenset(UNET_OUTPUTS),
             export_size=(1, 16, 24),
             check_sizes=((1, 16, 24), (2, 20, 28), (1, 24, 12)),
-            build=lambda m: UNetBody(m.unet),
             make_inputs=_unet_inputs,
             input_shapes=_unet_shapes,
             grid=4,
         ),
         Component(
-            name="vae_decoder",
-            needs="vae",
-            inputs=("latents",),
-            outputs=("image",),
+            **_part("vae_decoder"),
             dynamic_axes={"latents": _spatial()},
-            fp32_inputs=frozenset({"latents"}),
-            fp32_outputs=frozenset({"image"}),
-            build=lambda m: VAEDecoder(m.vae),
             make_inputs=_decoder_inputs,
             input_shapes=_decoder_shapes,
         ),
         Component(
-            name="vae_decoder_tail",
-            needs="vae",
-            inputs=("features",),
-            outputs=("image",),
+            **_part("vae_decoder_tail"),
             dynamic_axes={"features": _spatial()},
-            fp32_inputs=frozenset(),
-            fp32_outputs=frozenset({"image"}),
-            build=lambda m: VAEDecoderTail(VAEDecoder(m.vae), m.cut),
             make_inputs=_tail_inputs,
         ),
     )

@@ -23,7 +23,7 @@ import torch
 
 from engines.files import atomic_output
 from .components import Component, Models
-from .precision import DEFAULT_POLICY, Policy, TypedGraph, apply_policy
+from ..models.precision import DEFAULT_POLICY, Policy, TypedGraph, apply_policy, typed_part
 
 OPSET = 18
 
@@ -54,11 +54,7 @@ def input_dtypes(component: Component, policy: Policy) -> list[torch.dtype]:
 
 def typed_module(component: Component, models: Models, policy: Policy) -> TypedGraph:
     """The component as exported: cast per ``policy``, with fp32 boundaries where the spec says."""
-    module = apply_policy(component.module(models), policy)
-    compute = policy.torch_dtype
-    cast_in = [compute if n in component.fp32_inputs else None for n in component.inputs]
-    cast_out = [torch.float32 if n in component.fp32_outputs else compute for n in component.outputs]
-    return TypedGraph(module, cast_in, cast_out)
+    return typed_part(component, apply_policy(component.module(models), policy), policy.torch_dtype)
 
 
 def example_inputs(

@@ -15,7 +15,7 @@ import torch
 
 from .components import Component, Models
 from .exporter import example_inputs, input_dtypes, typed_module
-from .precision import DEFAULT_POLICY
+from ..models.precision import DEFAULT_POLICY
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
-"""Precision policy of the exported graphs: which parts run in which type.
+"""Precision policy of the models in reduced precision: which parts run in which type.
 
+One policy for the exported graphs and the runtime's torch backend, so both compute alike.
 Strongly typed TensorRT builds follow the types in the ONNX graph, so the graph is where the
 precision is decided:
 - weights and activations in the compute dtype (fp32, fp16 or bf16);
@@ -24,7 +25,8 @@ import torch.nn.functional as F
 from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
-from ..models.upscaler_unet import BilinearResize
+from .components import Part
+from .upscaler_unet import BilinearResize
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -144,3 +146,10 @@ class TypedGraph(nn.Module):
         outputs = (outputs,) if single else tuple(outputs)
         outputs = tuple(y if d is None else y.to(d) for y, d in zip(outputs, self.output_dtypes))
         return outputs[0] if single else outputs
+
+
+def typed_part(part: Part, module: nn.Module, dtype: torch.dtype) -> TypedGraph:
+    """``module`` (the part, already cast to ``dtype``) with the part's fp32 boundaries."""
+    cast_in = [dtype if n in part.fp32_inputs else None for n in part.inputs]
+    cast_out = [torch.float32 if n in part.fp32_outputs else dtype for n in part.outputs]
+    return TypedGraph(module, cast_in, cast_out)
