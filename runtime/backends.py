@@ -7,6 +7,8 @@ It knows the artifact folder's components, not the pipeline: chaining, noise and
 
 from __future__ import annotations
 
+import logging
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -23,6 +25,7 @@ from .latents import TIMESTEP
 from .numerics import full_fp32
 
 Tensors = dict[str, torch.Tensor]
+logger = logging.getLogger(__name__)
 
 
 class BackendUnavailable(RuntimeError):
@@ -166,11 +169,18 @@ def require_provider(session, wanted: str, path: Path) -> None:
 class OnnxRuntimeBackend(Backend):
     """ONNX Runtime sessions on the artifact folder's graphs.
 
-    CPU: tensors are shared with numpy, no copies. CUDA / TensorRT execution providers: inputs are
-    bound to the torch tensors' device memory with IO binding; outputs are allocated by ONNX
-    Runtime on the device and handed over through DLPack. The TensorRT provider runs alone
-    (no CUDA or CPU provider behind it, no fall-back): a session that does not run every node on
-    TensorRT is refused.
+    CPU: tensors are shared with numpy, no copies. CUDA / TensorRT execution providers: the
+    sessions run on the backend's own CUDA stream (``user_compute_stream``; ``on_stream``), so
+    they are ordered against torch's work by events, never by a host synchronisation, and a run
+    returns once its work is queued. Inputs are bound to the torch tensors' device memory with IO
+    binding; temporaries made for binding are allocated on that stream, so the caching allocator
+    cannot hand their memory to anything that runs before the session has read them. Outputs are
+    allocated by ONNX Runtime on the device and handed over through DLPack. The TensorRT provider
+    runs alone (no CUDA or CPU provider behind it, no fall-back): a session that does not run
+    every node on TensorRT is refused.
+
+    ``cuda_options``: extra CUDA provider options (``cudnn_conv_algo_search``, ``prefer_nhwc``),
+    the knobs the benchmarks compare.
     """
 
     PROVIDERS = {
@@ -185,6 +195,7 @@ class OnnxRuntimeBackend(Backend):
         device: torch.device,
         provider: str = "cpu",
         provider_options: dict[str, dict] | None = None,
+        cuda_options: dict[str, str] | None = None,
     ):
         """``graphs``: ONNX file per component (an artifact folder's, or any staged graphs);
         ``provider_options``: per component, the options of the first provider (TensorRT's)."""
@@ -210,6 +221,13 @@ class OnnxRuntimeBackend(Backend):
                 pass
         self.name = f"onnxruntime-{provider}"
         self.device = device
+        self._stream = OwnStream(device) if device.type == "cuda" else None
+        gpu_options = {"device_id": device.index or 0}
+        if self._stream is not None:
+            gpu_options.update(has_user_compute_stream="1", user_compute_stream=str(self._stream.stream.cuda_stream))
+        self._run_options = ort.RunOptions()
+        # Run returns once the work is queued on our stream; the caller's stream waits for it by event.
+        self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
         options = ort.SessionOptions()
         options.log_severity_level = 3
         if provider == "tensorrt":
@@ -217,9 +235,11 @@ class OnnxRuntimeBackend(Backend):
         providers = self.PROVIDERS[provider]
         self._sessions, self._unavailable = {}, {}
         for name, path in graphs.items():
-            first = (provider_options or {}).get(name, {"device_id": device.index or 0})
+            first = {**gpu_options, **(provider_options or {}).get(name, {})}
+            if provider == "cuda":
+                first.update(cuda_options or {})
             provider_list = [
-                (p, {} if p == "CPUExecutionProvider" else first if i == 0 else {"device_id": device.index or 0})
+                (p, {} if p == "CPUExecutionProvider" else first if i == 0 else gpu_options)
                 for i, p in enumerate(providers)
             ]
             try:
@@ -248,28 +268,31 @@ class OnnxRuntimeBackend(Backend):
         if component in self._unavailable:
             raise BackendUnavailable(self._unavailable[component])
 
+    def on_stream(self) -> ContextManager[torch.cuda.Stream | None]:
+        return nullcontext() if self._stream is None else self._stream.scope()
+
     def run(self, component: str, inputs: Tensors) -> Tensors:
         self.check(component)
         session = self._sessions[component]
         names = [o.name for o in session.get_outputs()]
-        if self.device.type == "cpu":
+        if self._stream is None:
             outputs = session.run(names, {k: _to_numpy(v) for k, v in inputs.items()})
             return {n: _from_numpy(o) for n, o in zip(names, outputs)}
-        binding = session.io_binding()
-        bound = []  # the bound memory must stay alive until the run ends
-        for name, tensor in inputs.items():
-            tensor = tensor.contiguous()
-            bound.append(tensor)
-            binding.bind_input(
-                name, "cuda", self.device.index or 0, _numpy_dtype(tensor.dtype), tuple(tensor.shape), tensor.data_ptr()
-            )
-        for name in names:
-            binding.bind_output(name, "cuda", self.device.index or 0)
-        # ONNX Runtime runs on a stream of its own that does not wait for torch's: the inputs were
-        # just written on torch's current stream.
-        torch.cuda.current_stream(self.device).synchronize()
-        session.run_with_iobinding(binding)
-        return {n: torch.from_dlpack(v) for n, v in zip(names, binding.get_outputs())}
+        with self._stream.scope() as caller:
+            binding = session.io_binding()
+            bound = []  # alive until the run is queued; allocated on our stream when made here
+            for name, tensor in inputs.items():
+                if caller is not None:  # made on the caller's stream, read on ours
+                    tensor.record_stream(self._stream.stream)
+                tensor = tensor.contiguous()
+                bound.append(tensor)
+                binding.bind_input(
+                    name, "cuda", self.device.index or 0, _numpy_dtype(tensor.dtype), tuple(tensor.shape), tensor.data_ptr()
+                )
+            for name in names:
+                binding.bind_output(name, "cuda", self.device.index or 0)
+            session.run_with_iobinding(binding, self._run_options)
+            return {n: torch.from_dlpack(v) for n, v in zip(names, binding.get_outputs())}
 
     def close(self) -> None:
         self._sessions.clear()
@@ -351,6 +374,7 @@ class TorchBackend(Backend):
             self._modules[name], self._parts[name] = module, part
         self._decode = self._modules.get("vae_decoder")
         self._pass = None
+        self.compile_seconds: dict[tuple[int, ...], float] = {}  # first call per latents_small shape
         if compile_mode is not None:
             self._pass = torch.compile(self._eager_pass, mode=compile_mode, dynamic=False, fullgraph=True)
             if self._decode is not None:
@@ -378,8 +402,13 @@ class TorchBackend(Backend):
     def _run_compiled_pass(self, latents_small: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         if self.compile_mode in CUDA_GRAPH_MODES:
             torch.compiler.cudagraph_mark_step_begin()
+        shape = tuple(latents_small.shape)
+        started = time.perf_counter()
         with self._numerics():
             x0 = self._pass(self._prepared(latents_small), self._prepared(noise))
+        if shape not in self.compile_seconds:  # the first call at a shape compiles it
+            self.compile_seconds[shape] = time.perf_counter() - started
+            logger.info("torch backend: compiled the pass for %s in %.1f s", shape, self.compile_seconds[shape])
         return self._handed_over(x0)
 
     def _handed_over(self, tensor: torch.Tensor) -> torch.Tensor:
