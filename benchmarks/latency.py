@@ -2,10 +2,16 @@
 
 Sizes are output image sides in pixels (1024 = latent 64 -> 128). Rows:
 - ``cond_encoder`` at the pass's low-res latent (size/16), ``unet`` at its sample (size/8),
-  ``vae_decoder`` decoding the output latent (size/8) in the runtime's tiles;
-- ``pipeline``: one 2x pass. For eager and compiled PyTorch: encoder + unet + ``x0 = noise - v``
-  with noise drawn on the device. For onnxruntime and tensorrt: ``Upscaler.upscale(scale=2)``,
-  which also validates the input and draws the noise on the CPU (the seeded convention).
+  ``vae_decoder`` decoding the output latent (size/8) in the folder's tiles;
+- ``pipeline``: one 2x pass. For eager and compiled PyTorch (``eager-*``, ``compile``): encoder +
+  unet + ``x0 = noise - v`` with noise drawn on the device, no runtime. For the runtime's backends
+  (``onnxruntime*``, ``tensorrt``, ``torch*``): ``Upscaler.upscale(scale=2)``, once per ``--noise``
+  mode, rows marked ``"through_runtime": true``: input checks, noise, the pass, hand-over;
+- ``backend_pass`` (runtime backends): the backend's pass alone (noise drawn beforehand), so
+  ``pipeline - backend_pass`` is the runtime's overhead, reported per backend and noise mode.
+
+``eager-fp32`` is IEEE fp32 (TF32 off). ``first_call_ms`` is the first warm-up call: with compiled
+backends it includes the compilation at that shape.
 
 GPU timing uses CUDA events around each call after warm-up; CPU timing uses perf_counter. Each
 row has FLOPs counted on the meta device, achieved TFLOP/s, the share of the GPU's peak (target
@@ -15,6 +21,7 @@ presets), and the speedup over eager fp16 at the same component and size in the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import platform
@@ -33,18 +40,28 @@ from engines.manifest import ManifestError, load_manifest
 from engines.targets import target_for_device
 from engines.files import OutputPathError, atomic_output, check_output_file
 from runtime.latents import TIMESTEP
+from runtime.numerics import full_fp32
 from runtime.tiling import decode_tiled
 
 from .flops import FlopCounter
 
-BACKENDS = ("eager-fp32", "eager-fp16", "eager-bf16", "compile", "onnxruntime", "tensorrt")
-COMPONENTS = ("cond_encoder", "unet", "vae_decoder", "pipeline")
+# The runtime's backends as ``Upscaler`` runs them: (backend, options for Upscaler.load).
+RUNTIME_BACKENDS = {
+    "onnxruntime": ("onnxruntime", {}),
+    "onnxruntime-nhwc": ("onnxruntime", {}),  # CUDA provider with prefer_nhwc (see RuntimeRunner)
+    "tensorrt": ("tensorrt", {}),
+    "torch-fp16": ("torch", {"precision": "fp16"}),
+    "torch-bf16": ("torch", {"precision": "bf16"}),
+    "torch-fp16-compile": ("torch", {"precision": "fp16", "compile_mode": "max-autotune-no-cudagraphs"}),
+    "torch-fp16-graphs": ("torch", {"precision": "fp16", "compile_mode": "reduce-overhead"}),
+}
 EAGER_DTYPES = {"eager-fp32": torch.float32, "eager-fp16": torch.float16, "eager-bf16": torch.bfloat16, "compile": torch.float16}
-RUNTIME_BACKENDS = ("onnxruntime", "tensorrt")
+BACKENDS = (*EAGER_DTYPES, *RUNTIME_BACKENDS)
+COMPONENTS = ("cond_encoder", "unet", "vae_decoder", "pipeline", "backend_pass")
+NOISE_MODES = ("device", "cpu")
 BASELINE = "eager-fp16"
 PUBLISHED = {"size": 1024, "median_ms": 8.09, "gpu": "NVIDIA GeForce RTX 5090", "backend": "eager-fp16",
              "source": "MODEL.md section 4 (CTGMWorkshop benchmark, model in train mode)"}
-VAE_TILE = 128
 
 
 class Skip(Exception):
@@ -56,10 +73,19 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def time_call(fn: Callable[[], object], device: torch.device, runs: int, warmup: int) -> list[float]:
-    """Milliseconds per call, each measured alone (synchronised), after ``warmup`` calls."""
-    for _ in range(warmup):
+def time_call(fn: Callable[[], object], device: torch.device, runs: int, warmup: int) -> tuple[list[float], float | None]:
+    """Milliseconds per call, each measured alone (synchronised), after ``warmup`` calls; and the
+    first warm-up call's milliseconds (compilation included), None without warm-up."""
+    first = None
+    for index in range(warmup):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
         fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if index == 0:
+            first = (time.perf_counter() - start) * 1e3
     times = []
     for _ in range(runs):
         if device.type == "cuda":
@@ -74,7 +100,7 @@ def time_call(fn: Callable[[], object], device: torch.device, runs: int, warmup:
             start = time.perf_counter()
             fn()
             times.append((time.perf_counter() - start) * 1e3)
-    return times
+    return times, first
 
 
 def _latent_sides(size: int) -> tuple[int, int]:
@@ -87,11 +113,14 @@ class Models:
     """The eager fp32 models of an artifact folder (checked against its weight hashes)."""
 
     def __init__(self, folder: Path, components: list[str]):
-        from export.build import models_from_weights_record
+        from export.models.weights_record import models_from_weights_record
         from export.onnx.components import COMPONENTS as SPECS
 
         manifest = load_manifest(folder)
         self.available = [c for c in components if c in manifest.components]
+        # the runtime's decode tile: the decoder profile's largest side
+        decoder = manifest.components.get("vae_decoder")
+        self.tile = max(decoder.profiles[0].max["latents"][2:]) if decoder else None
         self.models = models_from_weights_record(manifest.weights, self.available)
         self.specs = SPECS
 
@@ -123,6 +152,7 @@ class EagerRunner:
         self.models, self.dtype, self.device = models, dtype, device
         self.modules: dict[str, torch.nn.Module] = {}
         self.compiled = backend == "compile"
+        self.numerics = full_fp32 if backend == "eager-fp32" else contextlib.nullcontext
 
     def _module(self, component: str):
         if component not in self.modules:
@@ -131,8 +161,20 @@ class EagerRunner:
             self.modules[component] = torch.compile(module) if self.compiled else module
         return self.modules[component]
 
-    def call(self, component: str, size: int) -> Callable[[], object]:
+    def call(self, component: str, size: int, noise: str | None = None) -> Callable[[], object]:
+        """``noise`` is for the runtime's rows: eager rows draw theirs on the device."""
+        fn = self._call(component, size)
+
+        def run():
+            with self.numerics():
+                return fn()
+
+        return run
+
+    def _call(self, component: str, size: int) -> Callable[[], object]:
         low, high = _latent_sides(size)
+        if component == "backend_pass":
+            raise Skip("backend_pass is a runtime backend's row")
         if component == "pipeline":
             encoder, body = self._module("cond_encoder"), self._module("unet")
             x = _inputs(self.models.shapes("cond_encoder", 1, low, low), self.dtype, self.device)
@@ -146,7 +188,8 @@ class EagerRunner:
         if component == "vae_decoder":
             decoder = self._module(component)
             z = _inputs(self.models.shapes(component, 1, high, high), self.dtype, self.device)["latents"]
-            return torch.inference_mode()(lambda: decode_tiled(decoder, z, VAE_TILE, VAE_TILE // 4))
+            tile = self.models.tile
+            return torch.inference_mode()(lambda: decode_tiled(decoder, z, tile, tile // 4))
         side = low if component == "cond_encoder" else high
         module = self._module(component)
         args = list(_inputs(self.models.shapes(component, 1, side, side), self.dtype, self.device).values())
@@ -154,30 +197,62 @@ class EagerRunner:
 
 
 class RuntimeRunner:
-    """A runtime backend (onnxruntime or tensorrt) through ``Upscaler`` and its backend."""
+    """A runtime backend through ``Upscaler`` (``pipeline``) and directly (its pass, its components)."""
 
-    def __init__(self, folder: Path, backend: str, device: torch.device):
+    def __init__(self, folder: Path, backend: str, device: torch.device, noise: str = "auto"):
         from runtime import BackendUnavailable, Upscaler
 
+        kind, options = RUNTIME_BACKENDS[backend]
+        if device.type == "cpu" and options:
+            raise Skip(f"{backend} is a GPU benchmark (the CPU runs the torch backend as the fp32 reference)")
         try:
-            self.upscaler = Upscaler.load(folder, backend=backend, device=device)
+            if backend == "onnxruntime-nhwc":
+                self.upscaler = self._nhwc_upscaler(folder, device, noise)
+            else:
+                self.upscaler = Upscaler.load(folder, backend=kind, device=device, noise=noise, **options)
         except BackendUnavailable as exc:
             raise Skip(str(exc)) from exc
         self.device = device
         self.manifest = self.upscaler.manifest
 
-    def call(self, component: str, size: int) -> Callable[[], object]:
+    @staticmethod
+    def _nhwc_upscaler(folder: Path, device: torch.device, noise: str):
+        from runtime import BackendUnavailable, Upscaler
+        from runtime.backends import OnnxRuntimeBackend
+
+        if device.type != "cuda":
+            raise BackendUnavailable("prefer_nhwc is a CUDA provider option")
+        manifest = load_manifest(folder)
+        graphs = {name: folder / record.onnx_file for name, record in manifest.components.items()}
+        backend = OnnxRuntimeBackend(graphs, device, provider="cuda", cuda_options={"prefer_nhwc": "1"})
+        return Upscaler(folder, manifest, backend, noise=noise)
+
+    def close(self) -> None:
+        self.upscaler.close()
+
+    def call(self, component: str, size: int, noise: str | None = None) -> Callable[[], object]:
         from runtime import BackendUnavailable, InvalidLatentsError
+        from runtime.upscaler import run_pass
 
         low, high = _latent_sides(size)
         run = self.upscaler.backend.run
-        if component == "pipeline":
+        if component in ("pipeline", "backend_pass"):
             x = torch.randn((1, 32, low, low), device=self.device)
             try:
                 self.upscaler.check_input(x, 2)
             except InvalidLatentsError as exc:
                 raise Skip(str(exc).split(". Rebuild")[0]) from exc
-            return lambda: self.upscaler.upscale(x, scale=2, seed=0)
+            if component == "pipeline":
+                return lambda: self.upscaler.upscale(x, scale=2, seed=0, noise=noise)
+            backend = self.upscaler.backend
+            noise = _DrawnNoise(torch.randn((1, 32, high, high), device=self.device))
+
+            def backend_pass():
+                with backend.on_stream():
+                    fused = backend.fused_pass(x)
+                    return fused(x, noise.tensor) if fused else run_pass(run, x, noise)
+
+            return torch.inference_mode()(backend_pass)
         record = self.manifest.components.get(component)
         if record is None:
             raise Skip(f"the artifact folder has no {component}")
@@ -187,6 +262,8 @@ class RuntimeRunner:
             raise Skip(str(exc)) from exc
         # tensors between the graphs travel in the float part's type (a quantized graph's: FLOAT_PART)
         float_part = FLOAT_PART.get(record.precision, record.precision)
+        if self.upscaler.backend.name.startswith("torch"):
+            float_part = self.upscaler.backend.precision
         precision = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(float_part, torch.float32)
         if component == "vae_decoder":
             z = torch.randn((1, 32, high, high), device=self.device)
@@ -195,7 +272,7 @@ class RuntimeRunner:
             def decode(tile_latents: torch.Tensor) -> torch.Tensor:
                 return run(component, {"latents": tile_latents.contiguous()})["image"]
 
-            return lambda: decode_tiled(decode, z, tile, tile // 4)
+            return torch.inference_mode()(lambda: decode_tiled(decode, z, tile, tile // 4))
         side = low if component == "cond_encoder" else high
         shapes = profile_shapes(record, side)
         if shapes is None:
@@ -206,7 +283,17 @@ class RuntimeRunner:
                    else torch.randn(shape, device=self.device).to(torch.float32 if name in fp32 else precision))
             for name, shape in shapes.items()
         }
-        return lambda: run(component, inputs)
+        return torch.inference_mode()(lambda: run(component, inputs))
+
+
+class _DrawnNoise:
+    """Noise drawn before the clock starts: the backend's pass without the runtime's noise work."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+    def next_pass(self, latents_small: torch.Tensor) -> torch.Tensor:
+        return self.tensor
 
 
 def profile_shapes(record, side: int) -> dict[str, tuple[int, ...]] | None:
@@ -240,8 +327,8 @@ def _flops(models: Models | None, counters: dict, component: str, size: int) -> 
             # the same tiles as decode_tiled: count one tile and multiply
             from runtime.tiling import tile_starts
 
-            tiles = len(tile_starts(high, VAE_TILE, VAE_TILE // 4)) ** 2
-            side = min(high, VAE_TILE)
+            tiles = len(tile_starts(high, models.tile, models.tile // 4)) ** 2
+            side = min(high, models.tile)
             shapes = models.shapes(part, 1, side, side)
             total += tiles * counters[part].count([(s, torch.float32) for s in shapes.values()])
         else:
@@ -286,50 +373,68 @@ def run_benchmark(args: argparse.Namespace, log=print) -> dict:
             log(f"{backend}: skipped ({exc})")
             continue
         for component in args.components:
+            # through the runtime, the pass runs once per noise mode (the CPU has one: its convention)
+            through_runtime = component == "pipeline" and isinstance(runner, RuntimeRunner)
+            modes = args.noise if through_runtime and device.type == "cuda" else [None]
             for size in args.sizes:
-                try:
-                    fn = runner.call(component, size)
-                    flops = _flops(models, counters, component, size)
-                    if device.type == "cuda":
-                        torch.cuda.reset_peak_memory_stats(device)
-                    times = time_call(fn, device, args.runs, args.warmup)
-                except Skip as exc:
-                    skipped.append({"backend": backend, "component": component, "size": size, "reason": str(exc)})
-                    log(f"{backend} {component} {size}: skipped ({exc})")
-                    continue
-                except torch.OutOfMemoryError:
-                    skipped.append({"backend": backend, "component": component, "size": size, "reason": "out of GPU memory"})
-                    torch.cuda.empty_cache()
-                    continue
-                row = {
-                    "backend": backend, "component": component, "size": size,
-                    "median_ms": statistics.median(times), "p10_ms": _percentile(times, 0.1),
-                    "p90_ms": _percentile(times, 0.9), "runs": len(times),
-                    "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-                    "flops": flops,
-                }
-                rows.append(row)
-                log(f"{backend} {component} {size}: median {row['median_ms']:.2f} ms")
+                for noise in modes:
+                    row = _measure_row(runner, backend, component, size, noise, device, args, models, counters, skipped, log)
+                    if row:
+                        rows.append(row)
+        if isinstance(runner, RuntimeRunner):
+            runner.close()
     _derive(rows, machine.get("peak_tflops_fp16"))
     return {"machine": machine, "command": args.command, "rows": rows, "skipped": skipped,
             "overhead": runtime_overhead(rows), "published": PUBLISHED, "schema_version": 1}
 
 
-def runtime_overhead(rows: list[dict]) -> list[dict]:
-    """What ``Upscaler.upscale`` adds to its two graphs: pipeline minus cond_encoder and unet medians.
+def _measure_row(runner, backend: str, component: str, size: int, noise: str | None, device: torch.device,
+                 args: argparse.Namespace, models, counters: dict, skipped: list, log) -> dict | None:
+    label = f"{backend} {component} {size}" + (f" noise={noise}" if noise else "")
+    through_runtime = component == "pipeline" and isinstance(runner, RuntimeRunner)
+    try:
+        fn = runner.call(component, size, noise)
+        flops = _flops(models, counters, "pipeline" if component == "backend_pass" else component, size)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times, first = time_call(fn, device, args.runs, args.warmup)
+    except Skip as exc:
+        skipped.append({"backend": backend, "component": component, "size": size, "reason": str(exc)})
+        log(f"{label}: skipped ({exc})")
+        return None
+    except torch.OutOfMemoryError:
+        skipped.append({"backend": backend, "component": component, "size": size, "reason": "out of GPU memory"})
+        torch.cuda.empty_cache()
+        return None
+    row = {
+        "backend": backend, "component": component, "size": size,
+        "through_runtime": through_runtime,
+        "noise": (noise or runner.upscaler.noise_mode) if through_runtime else None,
+        "median_ms": statistics.median(times), "p10_ms": _percentile(times, 0.1),
+        "p90_ms": _percentile(times, 0.9), "runs": len(times), "first_call_ms": first,
+        "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        "flops": flops,
+    }
+    log(f"{label}: median {row['median_ms']:.2f} ms")
+    return row
 
-    Input checks, the seeded CPU noise and its copy, ``x0 = noise - v`` and Python. A difference
-    of medians from one run: noisy where the overhead is small against the run-to-run spread.
+
+def runtime_overhead(rows: list[dict]) -> list[dict]:
+    """What ``Upscaler.upscale`` adds to its backend's pass: pipeline minus backend_pass medians.
+
+    Input checks, the noise (per mode), stream hand-over and Python. A difference of medians from
+    one run: noisy where the overhead is small against the run-to-run spread.
     """
-    medians = {(r["backend"], r["component"], r["size"]): r["median_ms"] for r in rows}
+    passes = {(r["backend"], r["size"]): r["median_ms"] for r in rows if r["component"] == "backend_pass"}
     overhead = []
-    for (backend, component, size), pipeline in medians.items():
-        parts = [medians.get((backend, part, size)) for part in ("cond_encoder", "unet")]
-        if component != "pipeline" or backend not in RUNTIME_BACKENDS or None in parts:
+    for row in rows:
+        alone = passes.get((row["backend"], row["size"]))
+        if not row.get("through_runtime") or alone is None:
             continue
-        extra = pipeline - sum(parts)
-        overhead.append({"backend": backend, "size": size, "pipeline_ms": pipeline, "graphs_ms": sum(parts),
-                         "overhead_ms": extra, "percent": 100 * extra / pipeline})
+        extra = row["median_ms"] - alone
+        overhead.append({"backend": row["backend"], "size": row["size"], "noise": row["noise"],
+                         "pipeline_ms": row["median_ms"], "backend_pass_ms": alone,
+                         "overhead_ms": extra, "percent": 100 * extra / row["median_ms"]})
     return overhead
 
 
@@ -348,16 +453,18 @@ def markdown(result: dict) -> str:
     machine = result["machine"]
     where = machine.get("gpu", f"CPU ({machine['cpu']}, {machine['cpu_threads']} threads)")
     lines = [f"Machine: {where}; torch {machine['torch']}. Command: `{result['command']}`", "",
-             "| backend | component | size px | median ms | p10 | p90 | GFLOP | TFLOP/s | % peak | floor ms | speedup vs eager-fp16 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| backend | component | through runtime (noise) | size px | median ms | p10 | p90 | first call ms | GFLOP | TFLOP/s "
+             "| % peak | floor ms | speedup vs eager-fp16 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def fmt(value, spec):
         return "-" if value is None else format(value, spec)
 
     for r in result["rows"]:
         lines.append(
-            f"| {r['backend']} | {r['component']} | {r['size']} | {r['median_ms']:.2f} | {r['p10_ms']:.2f} | "
-            f"{r['p90_ms']:.2f} | {fmt(r['flops'] and r['flops'] / 1e9, '.4g')} | {fmt(r['tflops'], '.3g')} | "
+            f"| {r['backend']} | {r['component']} | {'yes (' + r['noise'] + ')' if r['through_runtime'] else 'no'} | "
+            f"{r['size']} | {r['median_ms']:.2f} | {r['p10_ms']:.2f} | {r['p90_ms']:.2f} | {fmt(r['first_call_ms'], '.1f')} | "
+            f"{fmt(r['flops'] and r['flops'] / 1e9, '.4g')} | {fmt(r['tflops'], '.3g')} | "
             f"{fmt(r['percent_of_peak'], '.1f')} | {fmt(r['floor_ms'], '.3g')} | {fmt(r['speedup_vs_eager_fp16'], '.2f')} |"
         )
     published = result["published"]
@@ -368,8 +475,8 @@ def markdown(result: dict) -> str:
     if measured:
         lines.append(f"Measured here: {measured[0]['median_ms']:.2f} ms on {where}. Different GPUs: not comparable.")
     for o in result["overhead"]:
-        lines.append(f"Runtime overhead, {o['backend']} at {o['size']} px: {o['overhead_ms']:.2f} ms of "
-                     f"{o['pipeline_ms']:.2f} ms ({o['percent']:.1f} %) outside the two graphs.")
+        lines.append(f"Runtime overhead, {o['backend']} at {o['size']} px, {o['noise']} noise: {o['overhead_ms']:.2f} ms "
+                     f"of {o['pipeline_ms']:.2f} ms ({o['percent']:.1f} %) outside the backend's pass.")
     for s in result["skipped"]:
         lines.append(f"- skipped {s['backend']}" + (f" {s['component']} {s['size']}" if "component" in s else "") + f": {s['reason']}")
     return "\n".join(lines) + "\n"
@@ -423,6 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backends", type=csv_option(BACKENDS), default=list(BACKENDS), help=",".join(BACKENDS))
     parser.add_argument("--sizes", type=csv_option(None, int), default=[1024, 2048, 4096], help="output sizes in px")
     parser.add_argument("--components", type=csv_option(COMPONENTS), default=list(COMPONENTS), help=",".join(COMPONENTS))
+    parser.add_argument("--noise", type=csv_option(NOISE_MODES), default=list(NOISE_MODES),
+                        help="noise modes of the runtime's pipeline rows on CUDA: device,cpu (default both; the CPU runs cpu)")
     parser.add_argument("--runs", type=int_in_range(1, 10_000), default=20, help="timed runs per row, 1..10000 (default 20)")
     parser.add_argument("--warmup", type=int_in_range(0, 1_000), default=3, help="untimed runs first, 0..1000 (default 3)")
     parser.add_argument("--json", type=Path, help="write the results as JSON")

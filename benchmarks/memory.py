@@ -12,6 +12,8 @@ decode of the final latent. Per stage:
   reset before; for ONNX Runtime and TensorRT only the buffers torch owns) and the device memory
   in use after it (driver view, so it includes the CUDA context, ONNX Runtime's arena and anything
   else on the GPU). Every stage runs once before the measured run, so all weights are resident.
+- on CUDA, per runtime backend: the whole chain end to end as an app calls it,
+  ``Upscaler.upscale(latents, scale, decode=True)``: its median time over ``--runs`` and its peaks.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import math
 import shlex
+import statistics
 import sys
 from pathlib import Path
 
@@ -28,11 +31,22 @@ from engines.cli import int_in_range, run_cli
 from engines.files import OutputPathError, check_output_file
 from engines.manifest import Manifest, ManifestError, load_manifest
 from engines.memory import GraphMemoryModel, MemoryEstimateError
-from runtime.latents import LATENT_CHANNELS, SCALES
+from runtime.latents import LATENT_CHANNELS, SCALES, InvalidLatentsError
 
-from .latency import EagerRunner, Models, RuntimeRunner, Skip, csv_option, machine_facts, profile_shapes, write_report
+from .latency import (
+    RUNTIME_BACKENDS,
+    EagerRunner,
+    Models,
+    RuntimeRunner,
+    Skip,
+    csv_option,
+    machine_facts,
+    profile_shapes,
+    time_call,
+    write_report,
+)
 
-BACKENDS = ("eager-fp32", "eager-fp16", "eager-bf16", "onnxruntime", "tensorrt")
+BACKENDS = ("eager-fp32", "eager-fp16", "eager-bf16", *RUNTIME_BACKENDS)
 GOAL_BYTES = 24 * 10**9  # issue 6: the 8K chain and its decode inside a 24 GB card
 FP32 = 4
 IMAGE_CHANNELS = 3
@@ -95,7 +109,7 @@ def run_benchmark(args: argparse.Namespace, log=print) -> dict:
     manifest = load_manifest(args.artifacts)
     stages = [("pass", size) for size in chain_sizes(args.input_px, args.scale)]
     stages.append(("decode", stages[-1][1]))
-    rows, skipped = [], []
+    rows, skipped, chain = [], [], {}
     try:
         estimator = ChainEstimate(args.artifacts, manifest)
     except (MemoryEstimateError, OSError) as exc:
@@ -111,18 +125,32 @@ def run_benchmark(args: argparse.Namespace, log=print) -> dict:
                 skipped.append({"backend": "estimate", "stage": row["stage"], "reason": str(exc)})
         rows.append(row)
     if device.type == "cuda":
-        _measure_backends(args, device, stages, rows, skipped, log)
+        _measure_backends(args, device, stages, rows, chain, skipped, log)
     elif args.backends:
         skipped.append({"backend": ",".join(args.backends), "reason": "measured only on CUDA (the estimate runs anywhere)"})
     estimated = [r["estimate"]["total_bytes"] for r in rows if r["estimate"]]
     return {
         "machine": machine_facts(device), "command": args.command, "input_px": args.input_px, "scale": args.scale,
-        "rows": rows, "skipped": skipped, "goal_bytes": GOAL_BYTES,
+        "rows": rows, "chain": chain, "skipped": skipped, "goal_bytes": GOAL_BYTES,
         "estimate_peak_bytes": max(estimated) if estimated else None, "schema_version": 1,
     }
 
 
-def _measure_backends(args, device, stages, rows, skipped, log) -> None:
+def _measure_chain(runner: RuntimeRunner, args: argparse.Namespace, device: torch.device) -> dict:
+    """The whole chain and its decode through ``Upscaler.upscale``: median time, then its peaks."""
+    side = args.input_px // 8
+    x = torch.randn((1, LATENT_CHANNELS, side, side), device=device)
+    runner.upscaler.check_input(x, args.scale, decode=True)
+
+    def chain():
+        return runner.upscaler.upscale(x, scale=args.scale, decode=True)
+
+    times, _ = time_call(chain, device, args.runs, warmup=1)
+    return {"median_ms": statistics.median(times), "runs": len(times), "noise": runner.upscaler.noise_mode,
+            **_measure(chain, device)}
+
+
+def _measure_backends(args, device, stages, rows, chain, skipped, log) -> None:
     models = None
     for backend in args.backends:
         try:
@@ -145,6 +173,15 @@ def _measure_backends(args, device, stages, rows, skipped, log) -> None:
                 if call is not None:
                     row["measured"][backend] = _measure(call, device)
                     log(f"{backend} {row['stage']}: peak {row['measured'][backend]['torch_peak_bytes'] / 2**30:.2f} GiB")
+            if isinstance(runner, RuntimeRunner):
+                calls = None
+                try:
+                    chain[backend] = _measure_chain(runner, args, device)
+                    log(f"{backend} chain end to end: {chain[backend]['median_ms']:.0f} ms, "
+                        f"peak {chain[backend]['torch_peak_bytes'] / 2**30:.2f} GiB")
+                except InvalidLatentsError as exc:
+                    skipped.append({"backend": backend, "stage": "chain", "reason": str(exc)})
+                runner.close()
         except Skip as exc:
             skipped.append({"backend": backend, "reason": str(exc)})
             log(f"{backend}: skipped ({exc})")
@@ -181,6 +218,10 @@ def markdown(result: dict) -> str:
         verdict = "inside" if peak <= goal else "over"
         lines += ["", f"Estimated peak {peak / gib:.2f} GiB: {verdict} the goal of {goal / 1e9:.0f} GB "
                       f"({goal / gib:.2f} GiB) for the chain and its decode."]
+    for backend, c in result["chain"].items():
+        lines.append(f"Chain end to end through Upscaler.upscale(scale={result['scale']}, decode=True), {backend}, "
+                     f"{c['noise']} noise: median {c['median_ms']:.0f} ms over {c['runs']} runs, torch peak "
+                     f"{fmt(c['torch_peak_bytes'])} GiB, device in use {fmt(c['device_in_use_bytes'])} GiB.")
     for s in result["skipped"]:
         lines.append(f"- skipped {s['backend']}" + (f" {s['stage']}" if "stage" in s else "") + f": {s['reason']}")
     return "\n".join(lines) + "\n"
@@ -195,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="cuda measures the backends; cpu gives the estimate only")
     parser.add_argument("--backends", type=csv_option(BACKENDS), default=["eager-fp16", "onnxruntime", "tensorrt"],
                         help=f"measured on CUDA: {','.join(BACKENDS)} (default eager-fp16,onnxruntime,tensorrt)")
+    parser.add_argument("--runs", type=int_in_range(1, 1_000), default=3,
+                        help="timed runs of the whole chain per runtime backend, 1..1000 (default 3)")
     parser.add_argument("--json", type=Path, help="write the results as JSON")
     parser.add_argument("--markdown", type=Path, help="write a Markdown table")
     return parser

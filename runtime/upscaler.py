@@ -235,11 +235,7 @@ class Upscaler:
         self.skipped_backends = skipped or {}
         self._lock = threading.Lock()
         self._closed = False
-        # CPU noise on a GPU is drawn ahead on this worker while the GPU runs.
-        self._noise_worker = (
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="flow-upscaler-noise")
-            if self.noise_mode == "cpu" and backend.device.type == "cuda" else None
-        )
+        self._noise_worker: ThreadPoolExecutor | None = None  # draws CPU noise ahead while a GPU runs
 
     @classmethod
     def load(
@@ -416,9 +412,12 @@ class Upscaler:
 
     # -- work ---------------------------------------------------------------------------------
 
-    def _noise(self, seeds: Seeds, shape: tuple[int, ...], scale: int) -> Noise:
-        if self.noise_mode == "device":
+    def _noise(self, seeds: Seeds, shape: tuple[int, ...], scale: int, mode: str) -> Noise:
+        """Called under the lock."""
+        if mode == "device":
             return DeviceNoise(seeds, self.device)
+        if self.device.type == "cuda" and self._noise_worker is None:
+            self._noise_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flow-upscaler-noise")
         ahead = chain_noise_shapes(shape[0], shape[2], shape[3], int(math.log2(scale)))
         return CpuNoise(seeds, self.device, ahead, self._noise_worker)
 
@@ -444,23 +443,27 @@ class Upscaler:
         seed: int | Sequence[int] = 0,
         decode: bool = False,
         latent_format: str = "flux2",
+        noise: str | None = None,
     ) -> torch.Tensor | np.ndarray:
         """Normalised FLUX.2 latents in, latents ``scale`` times larger out (or images with ``decode``).
 
         ``seed``: an int for the whole batch, or one int per batch item (each item then equals
-        its result alone with its seed). Output: the input's form (packed stays packed; numpy in,
+        its result alone with its seed). ``noise``: this call's noise mode (``cpu`` or ``device``;
+        None: the one loaded with). Output: the input's form (packed stays packed; numpy in,
         numpy out); with ``decode``, images [B, 3, 8H, 8W] fp32, about [-1, 1].
         """
         x = self.check_input(latents, scale, decode, latent_format)
         seeds = check_seeds(seed, x.shape[0])
+        if noise not in (None, "cpu", "device"):
+            raise InvalidArgumentError(f"noise must be cpu, device or None (the loaded mode), got {noise!r}")
         as_numpy = isinstance(latents, np.ndarray)
         x = x.float()
         with self._lock, self.backend.on_stream() as caller:
             self._require_open()  # closed by another thread while this call waited
             _used_here(x, caller)
-            noise = self._noise(seeds, tuple(x.shape), scale)
+            source = self._noise(seeds, tuple(x.shape), scale, noise or self.noise_mode)
             for _ in range(int(math.log2(scale))):
-                x = self._pass(x, noise)
+                x = self._pass(x, source)
             out = self._decode(x) if decode else x
             _hand_over(out, caller)
         if not decode and latent_format == "flux2_packed":

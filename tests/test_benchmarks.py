@@ -22,35 +22,43 @@ def test_cpu_run_writes_json_markdown_and_png_and_reports_what_it_skipped(artifa
     paths = {k: tmp_path / f"bench.{k}" for k in ("json", "md", "png")}
     code = main([
         "--artifacts", str(artifacts), "--device", "cpu", "--backends", "eager-fp32,onnxruntime,eager-fp16,tensorrt",
-        "--sizes", "256,512", "--components", "cond_encoder,unet,pipeline,vae_decoder", "--runs", "2", "--warmup", "1",
+        "--sizes", "256,512", "--components", "cond_encoder,unet,pipeline,backend_pass,vae_decoder", "--runs", "2", "--warmup", "1",
         "--json", str(paths["json"]), "--markdown", str(paths["md"]), "--plot", str(paths["png"]),
     ])
     assert code == 0
     result = json.loads(paths["json"].read_text())
     rows = {(r["backend"], r["component"], r["size"]): r for r in result["rows"]}
     components = ("cond_encoder", "unet", "pipeline", "vae_decoder")
-    assert set(rows) == {(b, c, s) for b in ("eager-fp32", "onnxruntime") for c in components for s in (256, 512)}
-    for row in rows.values():
+    assert set(rows) == {(b, c, s) for b in ("eager-fp32", "onnxruntime") for c in components for s in (256, 512)} | {
+        ("onnxruntime", "backend_pass", s) for s in (256, 512)}
+    for (backend, component, _), row in rows.items():
         assert row["p10_ms"] <= row["median_ms"] <= row["p90_ms"] and row["runs"] == 2
+        assert row["first_call_ms"] > 0
+        # only the runtime backend's pipeline goes through Upscaler.upscale; on the CPU with its convention
+        assert row["through_runtime"] == (backend == "onnxruntime" and component == "pipeline")
+        assert row["noise"] == ("cpu" if row["through_runtime"] else None)
         assert row["tflops"] == pytest.approx(row["flops"] / (row["median_ms"] * 1e-3) / 1e12)
     # FLOPs scale with area (attention-free), the same for every backend at a size
     unet = rows[("eager-fp32", "unet", 512)]["flops"]
     assert unet == pytest.approx(4 * rows[("eager-fp32", "unet", 256)]["flops"], rel=0.01)
     assert rows[("onnxruntime", "unet", 512)]["flops"] == unet
-    # the runtime's overhead: its pass minus its two graphs, for the runtime backend only
+    # the runtime's overhead: Upscaler.upscale minus the backend's pass alone, for the runtime backend only
     overhead = {(o["backend"], o["size"]): o for o in result["overhead"]}
     assert set(overhead) == {("onnxruntime", 256), ("onnxruntime", 512)}
     for (backend, size), o in overhead.items():
-        graphs = rows[(backend, "cond_encoder", size)]["median_ms"] + rows[(backend, "unet", size)]["median_ms"]
-        assert o["overhead_ms"] == pytest.approx(rows[(backend, "pipeline", size)]["median_ms"] - graphs)
+        alone = rows[(backend, "backend_pass", size)]["median_ms"]
+        assert o["overhead_ms"] == pytest.approx(rows[(backend, "pipeline", size)]["median_ms"] - alone)
+    assert rows[("onnxruntime", "backend_pass", 512)]["flops"] == rows[("onnxruntime", "pipeline", 512)]["flops"]
     reasons = {(s["backend"], s.get("component")): s["reason"] for s in result["skipped"]}
     assert "TensorRT is not installed" in reasons[("tensorrt", None)]
     assert "GPU benchmark" in reasons[("eager-fp16", None)]
+    assert "a runtime backend's row" in reasons[("eager-fp32", "backend_pass")]
     # one tile each (the profile's tile is 64 latent pixels); the mid-block attention grows faster than the area
     assert rows[("eager-fp32", "vae_decoder", 512)]["flops"] > 4 * rows[("eager-fp32", "vae_decoder", 256)]["flops"]
     assert result["machine"]["device"] == "cpu" and result["published"]["median_ms"] == 8.09
     table = paths["md"].read_text()
-    assert "| eager-fp32 | unet | 512 |" in table and "Different GPUs" not in table
+    assert "| eager-fp32 | unet | no | 512 |" in table and "| onnxruntime | pipeline | yes (cpu) | 512 |" in table
+    assert "Different GPUs" not in table
     assert "Runtime overhead, onnxruntime at 512 px" in table
     with Image.open(paths["png"]) as image:
         assert image.format == "PNG" and image.size[0] > 100

@@ -10,9 +10,6 @@ import pytest
 import torch
 from PIL import Image
 
-from engines.targets import PRESETS
-from export.build import BuildSettings, build_artifacts
-from export.checkpoint import load_unet, random_vae
 from export.models import VAEDecoder
 from export.onnx.components import Models
 from export.reference import upscale as reference_upscale
@@ -22,7 +19,6 @@ from runtime.latents import pack, read_latents, write_latents
 from runtime.tiling import decode_tiled, tile_starts
 from runtime.upscale import main
 
-from .conftest import SMALL_UNET, SMALL_VAE
 
 RANDOM = {"source": "random", "seed": 0}
 
