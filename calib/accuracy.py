@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from engines.manifest import ManifestError
-    from export.build import models_from_weights_record
+    from export.models.weights_record import models_from_weights_record
     from export.onnx.components import COMPONENTS as SPECS
     from runtime import BackendUnavailable, InvalidLatentsError, Upscaler
 

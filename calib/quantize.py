@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import io
 import json
-import logging
 import os
 import shutil
 import sys
@@ -46,6 +45,7 @@ import torch
 
 from engines.cli import SEED_RANGE, int_in_range, run_cli
 from engines.files import atomic_output
+from engines.logs import quiet_logger
 from engines.targets import PRESETS, TargetError
 from export.checkpoint import add_weight_arguments
 
@@ -194,9 +194,8 @@ def quantize_graph(
     try:
         source = work / "float.onnx"
         onnx.save(model, str(source))
-        level = logging.getLogger().level
-        logging.getLogger().setLevel(logging.ERROR)  # the quantizer warns about pre-processing on every call
-        try:
+        # the quantizer warns about pre-processing on every call, on the root logger
+        with quiet_logger(None):
             with contextlib.redirect_stdout(io.StringIO()):  # and its histogram calibrator prints progress
                 quantize_static(
                     str(source), str(work / "qdq.onnx"), _Reader(feeds),
@@ -209,8 +208,6 @@ def quantize_graph(
                     calibrate_method=CalibrationMethod.MinMax if precision == "int8" else CalibrationMethod.Distribution,
                     extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False},
                 )
-        finally:
-            logging.getLogger().setLevel(level)
         quantized = onnx.load(str(work / "qdq.onnx"))
         count = _quantized_nodes(quantized)
         if count == 0:

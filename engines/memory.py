@@ -18,15 +18,12 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from .requirements import ONNXRUNTIME_EXTRAS, onnxruntime_missing
+
 # ONNX Runtime 1.30's symbolic inference ignores Shape's start/end (opset 15+), so the sizes that
 # opset-18 Resize computes from a sliced Shape come out at the wrong rank; fixed in 1.31.0
 # (measured: 1.30.0 fails the exported U-Net's estimate, 1.31.0, 1.31.1 and 1.32.0 pass).
 MIN_ONNXRUNTIME = (1, 31)
-ONNXRUNTIME_EXTRAS = (
-    "install exactly one ONNX Runtime through the project's extras: pip install -e '.[cpu]' "
-    "(onnxruntime) or pip install -e '.[gpu]' (onnxruntime-gpu); not both, they write the same "
-    "onnxruntime package"
-)
 _SMALL_INITIALIZER = 64  # elements; larger ones (weights) only need their shapes for inference
 
 
@@ -37,18 +34,6 @@ class MemoryEstimateError(RuntimeError):
 
 def _min_version() -> str:
     return ".".join(map(str, MIN_ONNXRUNTIME))
-
-
-def onnxruntime_missing() -> str | None:
-    """What to install when ONNX Runtime is missing (None when it imports): the CLIs check this
-    before any work, since it comes only through the cpu or gpu extra."""
-    try:
-        import onnxruntime  # noqa: F401
-    except ModuleNotFoundError as exc:
-        if exc.name != "onnxruntime":
-            raise
-        return f"ONNX Runtime is not installed; {ONNXRUNTIME_EXTRAS}"
-    return None
 
 
 def _symbolic_shape_inference():

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from engines.manifest import ComponentRecord, Manifest
-from engines.memory import onnxruntime_missing
+from engines.requirements import onnxruntime_missing
 
 from .latents import TIMESTEP
 from .numerics import full_fp32

@@ -12,7 +12,7 @@ from pathlib import Path
 from ..checkpoint import CheckpointError, add_weight_arguments, load_unet, load_vae
 from engines.cli import SEED_RANGE, int_in_range, run_cli
 from engines.files import atomic_output
-from engines.memory import onnxruntime_missing
+from engines.requirements import onnxruntime_missing
 from ..models import DECODER_CUTS
 from .components import COMPONENTS, DEFAULT_CUT, Models
 from .exporter import OPSET, export_component, graph_filename

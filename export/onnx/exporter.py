@@ -12,7 +12,6 @@ shape inference.
 
 from __future__ import annotations
 
-import logging
 import time
 import warnings
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import onnx
 import torch
 
 from engines.files import atomic_output
+from engines.logs import quiet_logger
 from .components import Component, Models
 from ..models.precision import DEFAULT_POLICY, Policy, TypedGraph, apply_policy, typed_part
 
@@ -77,8 +77,7 @@ def _name_output_axes(model: onnx.ModelProto, component: Component) -> None:
 
 def _trace(module: TypedGraph, component: Component, inputs: tuple[torch.Tensor, ...]) -> onnx.ModelProto:
     dynamic_shapes = tuple(component.dynamic_axes[n] for n in component.inputs)
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), quiet_logger("torch.onnx"):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             module,
