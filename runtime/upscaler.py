@@ -324,12 +324,12 @@ class Upscaler:
     def __enter__(self) -> Upscaler:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # -- input checks -------------------------------------------------------------------------
 
-    def _as_tensor(self, latents) -> torch.Tensor:
+    def _as_tensor(self, latents: object) -> torch.Tensor:
         if isinstance(latents, np.ndarray):
             if self.device.type != "cpu":
                 raise InvalidLatentsError(
@@ -365,7 +365,7 @@ class Upscaler:
             f"{self.manifest.rebuild_command}"
         )
 
-    def _unpacked(self, latents, latent_format: str) -> torch.Tensor:
+    def _unpacked(self, latents: object, latent_format: str) -> torch.Tensor:
         if latent_format not in LATENT_FORMATS:
             raise InvalidLatentsError(f"latent_format must be one of {LATENT_FORMATS}, got {latent_format!r}")
         x = self._as_tensor(latents)
@@ -395,7 +395,9 @@ class Upscaler:
                 f"{max_batch} (the vae_decoder profile of {self.folder})"
             )
 
-    def check_input(self, latents, scale: int = 2, decode: bool = False, latent_format: str = "flux2") -> torch.Tensor:
+    def check_input(
+        self, latents: torch.Tensor | np.ndarray, scale: int = 2, decode: bool = False, latent_format: str = "flux2"
+    ) -> torch.Tensor:
         """Validate everything before any work; returns the unpacked 32-channel latents."""
         self._require_open()
         if isinstance(scale, bool) or scale not in SCALES:

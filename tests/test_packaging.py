@@ -155,3 +155,75 @@ def test_ci_installs_what_the_readme_tells_people_to_install():
     assert command in (ROOT / "README.md").read_text(), (
         f"README's install command differs from .ci/run's {command!r}: CI must test what people install"
     )
+
+
+# Import name -> distribution, for every third-party package the project imports.
+DISTRIBUTIONS = {
+    "torch": "torch", "numpy": "numpy", "safetensors": "safetensors", "ml_dtypes": "ml-dtypes", "PIL": "pillow",
+    "onnx": "onnx", "onnxscript": "onnxscript", "onnxslim": "onnxslim", "polygraphy": "polygraphy",
+    "diffusers": "diffusers", "huggingface_hub": "huggingface-hub", "matplotlib": "matplotlib",
+    "onnxruntime": "onnxruntime", "tensorrt": "tensorrt-cu13",
+}
+PROJECT_PACKAGES = ("engines", "export", "runtime", "calib", "benchmarks")
+
+
+def _third_party_imports(packages: tuple[str, ...]) -> dict[str, set[str]]:
+    """Top-level third-party import name -> the project modules importing it (lazily or not)."""
+    import ast
+    import sys
+
+    found: dict[str, set[str]] = {}
+    for package in packages:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                else:
+                    continue
+                for name in names:
+                    top = name.split(".")[0]
+                    if top not in sys.stdlib_module_names and top not in PROJECT_PACKAGES and top != "__future__":
+                        found.setdefault(top, set()).add(str(path.relative_to(ROOT)))
+    return found
+
+
+def test_every_import_is_declared_in_the_core_or_an_extra(project):
+    imported = _third_party_imports(PROJECT_PACKAGES)
+    unknown = {name: sorted(where) for name, where in imported.items() if name not in DISTRIBUTIONS}
+    assert unknown == {}, f"imports with no known distribution (add them to pyproject.toml and here): {unknown}"
+    declared = _names(_requirements(project, set(project["optional-dependencies"])))
+    missing = {DISTRIBUTIONS[name] for name in imported} - declared - {"onnxruntime"}
+    assert missing == set(), f"imported but never declared: {sorted(missing)}"
+    assert "onnxruntime" in _names(_requirements(project, {"cpu"}))
+
+
+def test_a_runtime_only_install_is_the_core_and_one_onnxruntime(project):
+    """What an app embedding the runtime installs: `.[cpu]` or `.[gpu]`; the torch backend adds `models`."""
+    core = _names(_requirements(project, set()))
+    assert core == {"torch", "numpy", "safetensors", "ml-dtypes", "pillow"}
+    runtime_imports = _third_party_imports(("runtime",))
+    needed = {DISTRIBUTIONS[name] for name in runtime_imports} - {"onnxruntime", "tensorrt-cu13"}
+    assert needed <= core, f"the runtime imports {sorted(needed - core)} beyond the core"
+    build_side = {"onnx", "onnxscript", "onnxslim", "polygraphy", "diffusers", "huggingface-hub", "matplotlib"}
+    assert not core & build_side
+    assert {"diffusers", "huggingface-hub"} <= _names(_extra_requirements(project, {"models"}))
+    assert build_side - {"matplotlib"} <= _names(_extra_requirements(project, {"build"}))
+    assert build_side | {"pytest"} <= _names(_extra_requirements(project, {"dev"}))
+
+
+def test_every_package_ships_py_typed_and_the_public_api_is_typed():
+    for package in PROJECT_PACKAGES:
+        assert (ROOT / package / "py.typed").is_file(), f"{package}/py.typed is missing"
+    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert "py.typed" in package_data["*"]
+    import inspect
+
+    from runtime import Upscaler
+
+    for name in ("load", "upscale", "decode", "check_input", "memory_bytes", "close"):
+        signature = inspect.signature(getattr(Upscaler, name))
+        untyped = [p.name for p in signature.parameters.values() if p.name not in ("self", "cls") and
+                   p.annotation is inspect.Parameter.empty]
+        assert not untyped and signature.return_annotation is not inspect.Signature.empty, (name, untyped)
