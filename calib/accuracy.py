@@ -23,13 +23,19 @@ from pathlib import Path
 import torch
 
 from engines.cli import SEED_RANGE, int_in_range, run_cli
+from engines.errors import FlowUpscalerError
 from engines.files import OutputPathError, atomic_output, check_output_file
 from runtime.backends import OnnxRuntimeBackend
 from runtime.noise import CpuNoise
 from runtime.numerics import full_fp32
 from runtime.upscaler import run_pass
 
-from .data import CalibrationError, CalibrationSet, add_calibration_arguments, calibration_from_args
+from .data import (
+    CalibrationError,
+    CalibrationSet,
+    add_calibration_arguments,
+    calibration_from_args,
+)
 
 Run = Callable[[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 IMAGE_PEAK_TO_PEAK = 2.0
@@ -56,7 +62,7 @@ THRESHOLDS = {
 }
 
 
-class AccuracyGateError(RuntimeError):
+class AccuracyGateError(FlowUpscalerError, RuntimeError):
     """The candidate is further from the fp32 reference than its precision allows."""
 
 

@@ -24,14 +24,22 @@ from pathlib import Path
 import torch
 
 from engines.cli import SEED_RANGE, int_in_range
-from runtime.latents import LATENT_CHANNELS, PACKED_CHANNELS, InvalidLatentsError, read_latents, unpack, validate_latents
+from engines.errors import FlowUpscalerError
+from runtime.latents import (
+    LATENT_CHANNELS,
+    PACKED_CHANNELS,
+    InvalidLatentsError,
+    read_latents,
+    unpack,
+    validate_latents,
+)
 
 DEFAULT_SIZE = 8
 MAX_CALIBRATION_SIZE = 10_000
 DEFAULT_SIDE = 32  # low-res latent side of the fallback: a 256 px image, 512 px out
 
 
-class CalibrationError(ValueError):
+class CalibrationError(FlowUpscalerError, ValueError):
     """Calibration files that cannot be used; the message names the file and the problem."""
 
 

@@ -44,13 +44,19 @@ import onnx
 import torch
 
 from engines.cli import SEED_RANGE, int_in_range, run_cli
+from engines.errors import FlowUpscalerError
 from engines.files import atomic_output
 from engines.logs import quiet_logger
 from engines.targets import PRESETS, TargetError
 from export.checkpoint import add_weight_arguments
 
 from .accuracy import AccuracyGateError, AccuracyReport, graphs_run, measure
-from .data import CalibrationError, CalibrationSet, add_calibration_arguments, calibration_from_args
+from .data import (
+    CalibrationError,
+    CalibrationSet,
+    add_calibration_arguments,
+    calibration_from_args,
+)
 
 QUANTIZED_PRECISIONS = ("int8", "fp8")
 COMPONENTS = ("cond_encoder", "unet")
@@ -61,7 +67,7 @@ QDQ_OPSET = 19  # QuantizeLinear/DequantizeLinear with float16 scales and float8
 FLOAT_PART = {"int8": "fp16", "fp8": "fp32"}  # the export precision a quantized graph starts from
 
 
-class QuantizationError(RuntimeError):
+class QuantizationError(FlowUpscalerError, RuntimeError):
     """Quantization could not run; the message says what to change."""
 
 
@@ -176,7 +182,12 @@ def quantize_graph(
 ) -> QuantizeResult:
     """Calibrate ``float_graph`` on ``feeds`` (fp32; cast to the graph's input types) and write its
     Q/DQ form to ``out`` (atomically)."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     if precision not in QUANTIZED_PRECISIONS:
         raise QuantizationError(f"precision must be one of {', '.join(QUANTIZED_PRECISIONS)}, got {precision!r}")

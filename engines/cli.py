@@ -1,6 +1,6 @@
 """The one place where the command-line tools turn errors into messages and exit codes.
 
-- An error raised by the project's own code (any exception class defined in its packages) or by
+- A ``FlowUpscalerError`` (the base of every error the project raises on purpose) or an error of
   the operating system (a file that cannot be read or written) is expected: one line
   ``error: <message>`` on stderr, exit 1. Those messages already name the problem and the fix.
 - Ctrl-C: one line, exit 130 (what was there before is left whole: builds and outputs are
@@ -15,17 +15,14 @@ import sys
 import traceback
 from collections.abc import Callable
 
-PROJECT_PACKAGES = frozenset({"export", "engines", "runtime", "calib", "benchmarks"})
+from .errors import FlowUpscalerError
+
 EXIT_ERROR, EXIT_BUG, EXIT_INTERRUPTED = 1, 70, 130
 
 
 def is_expected(exc: BaseException) -> bool:
     """Whether ``exc`` is a refusal the project explains, rather than a bug."""
-    if isinstance(exc, OSError):
-        return True
-    # ``__main__``: under ``python -m export.build`` the module's own classes (BuildError) live there.
-    return any(cls.__module__.split(".")[0] in PROJECT_PACKAGES or cls.__module__ == "__main__"
-               for cls in type(exc).__mro__)
+    return isinstance(exc, (FlowUpscalerError, OSError))
 
 
 def _one_line(exc: BaseException) -> str:

@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from .errors import FlowUpscalerError
+
 
 @contextmanager
 def atomic_output(path: Path) -> Iterator[Path]:
@@ -21,7 +23,7 @@ def atomic_output(path: Path) -> Iterator[Path]:
         partial.unlink(missing_ok=True)
 
 
-class OutputPathError(ValueError):
+class OutputPathError(FlowUpscalerError, ValueError):
     """An output path that cannot or must not be written; the message says which and why."""
 
 

@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import FlowUpscalerError
 from .files import atomic_output
 from .profiles import Profile
 
@@ -21,7 +22,7 @@ SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 
 
-class ManifestError(RuntimeError):
+class ManifestError(FlowUpscalerError, RuntimeError):
     """An artifact folder that cannot be used as it is; the message says how to rebuild."""
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from .errors import FlowUpscalerError
 from .requirements import ONNXRUNTIME_EXTRAS, onnxruntime_missing
 
 # ONNX Runtime 1.30's symbolic inference ignores Shape's start/end (opset 15+), so the sizes that
@@ -27,7 +28,7 @@ MIN_ONNXRUNTIME = (1, 31)
 _SMALL_INITIALIZER = 64  # elements; larger ones (weights) only need their shapes for inference
 
 
-class MemoryEstimateError(RuntimeError):
+class MemoryEstimateError(FlowUpscalerError, RuntimeError):
     """The graph's shapes could not be inferred at the given input shapes (or ONNX Runtime, which
     infers them, is missing or too old)."""
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from .errors import FlowUpscalerError
+
 Shape = tuple[int, ...]
 Shapes = Mapping[str, Shape]
 ShapeRule = Callable[[int, int, int], dict[str, Shape]]
@@ -28,7 +30,7 @@ MAX_BATCH = 4
 VAE_TILE_CAP = 128
 
 
-class ProfileError(ValueError):
+class ProfileError(FlowUpscalerError, ValueError):
     """A resolution range that cannot be covered within the memory budget."""
 
 

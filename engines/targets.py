@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from .errors import FlowUpscalerError
+
 BUDGET_SHARE = 0.75
 GIB = 1 << 30
 # tensor-core support by compute capability (fp8: Ada and Hopper onwards)
@@ -22,7 +24,7 @@ DEFAULT_MIN_INPUT_PX = 512
 DEFAULT_MAX_OUTPUT_PX = 8192
 
 
-class TargetError(ValueError):
+class TargetError(FlowUpscalerError, ValueError):
     """A target that does not exist or cannot be detected."""
 
 

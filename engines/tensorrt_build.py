@@ -26,8 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import FlowUpscalerError
 from .files import atomic_output
-
 from .profiles import Profile
 
 # Phrases of TensorRT build errors that mean the build ran out of memory (the tactic search
@@ -42,7 +42,7 @@ _OUT_OF_MEMORY_PHRASES = (
 )
 
 
-class EngineBuildError(RuntimeError):
+class EngineBuildError(FlowUpscalerError, RuntimeError):
     """A TensorRT build that failed, with TensorRT's own error lines attached."""
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from engines.errors import FlowUpscalerError
+
 from .models.upscaler_unet import UpscalerUNet
 
 DEFAULT_UNET_REPO = "TensorForger/FlowUpscaler"
@@ -29,7 +31,7 @@ _UNET_HINT = "pass a local file with --checkpoint PATH, or use --random-weights 
 _VAE_HINT = "pass a local diffusers folder with --vae PATH, or use --random-weights for seeded random weights"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(FlowUpscalerError, RuntimeError):
     """Weights could not be found, read or matched to the model."""
 
 

@@ -1,16 +1,23 @@
 """The embeddable runtime: ``Upscaler.load(artifact_dir)`` once, then ``upscale(latents, scale)``.
 
+Every error it raises on purpose is a ``FlowUpscalerError`` (kinds: ``InvalidLatentsError`` and
+``SizeOutOfRangeError``, ``InvalidArgumentError``, ``BackendUnavailable``, ``ManifestError``,
+``UpscalerClosedError``), with a message that says what to do.
+
 The names below load on first use, so that a module of this package (``runtime.latents``, the
 latent contract the export side shares) imports without loading the backends.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from engines.lazy import lazy_exports
 
 _EXPORTS = {
     "BackendUnavailable": "runtime.backends",
+    "FlowUpscalerError": "engines.errors",
+    "ManifestError": "engines.manifest",
     "InvalidArgumentError": "runtime.upscaler",
     "InvalidLatentsError": "runtime.latents",
     "SizeOutOfRangeError": "runtime.upscaler",
@@ -19,20 +26,13 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-if TYPE_CHECKING:
-    from .backends import BackendUnavailable
-    from .latents import InvalidLatentsError
-    from .upscaler import InvalidArgumentError, SizeOutOfRangeError, Upscaler, UpscalerClosedError
+if TYPE_CHECKING:  # what the names are, for type checkers and readers
+    from engines.errors import FlowUpscalerError  # noqa: F401
+    from engines.manifest import ManifestError  # noqa: F401
+
+    from .backends import BackendUnavailable  # noqa: F401
+    from .latents import InvalidLatentsError  # noqa: F401
+    from .upscaler import InvalidArgumentError, SizeOutOfRangeError, Upscaler, UpscalerClosedError  # noqa: F401
 
 
-def __getattr__(name: str) -> object:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'runtime' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -18,6 +18,7 @@ from typing import ContextManager
 import numpy as np
 import torch
 
+from engines.errors import FlowUpscalerError
 from engines.manifest import ComponentRecord, Manifest
 from engines.requirements import onnxruntime_missing
 
@@ -28,7 +29,7 @@ Tensors = dict[str, torch.Tensor]
 logger = logging.getLogger(__name__)
 
 
-class BackendUnavailable(RuntimeError):
+class BackendUnavailable(FlowUpscalerError, RuntimeError):
     """The backend cannot run here (missing package, no GPU, no built engine); says which."""
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from engines.errors import FlowUpscalerError
 from engines.files import atomic_output
 
 LATENT_CHANNELS = 32
@@ -26,7 +27,7 @@ TIMESTEP = 1000.0
 SCALES = (2, 4, 8)
 
 
-class InvalidLatentsError(ValueError):
+class InvalidLatentsError(FlowUpscalerError, ValueError):
     """A latent tensor has the wrong rank, channels, size, dtype or non-finite values."""
 
 

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from engines.cli import SEED_RANGE
+from engines.errors import FlowUpscalerError
 from engines.manifest import Manifest, ManifestError, load_manifest
 from engines.profiles import admitting_profile
 
@@ -78,11 +79,11 @@ class SizeOutOfRangeError(InvalidLatentsError):
     """Latents the artifact folder's profiles do not cover."""
 
 
-class InvalidArgumentError(ValueError):
+class InvalidArgumentError(FlowUpscalerError, ValueError):
     """An argument other than the latents (seed, device, backend) outside what is accepted; says what is."""
 
 
-class UpscalerClosedError(RuntimeError):
+class UpscalerClosedError(FlowUpscalerError, RuntimeError):
     """An ``Upscaler`` used after ``close()`` (or after its ``with`` block)."""
 
 

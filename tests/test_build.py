@@ -13,11 +13,14 @@ from engines.manifest import MANIFEST_NAME, load_manifest
 from engines.profiles import ProfileError
 from engines.targets import PRESETS
 from engines.tensorrt_build import BuildOptions, tensorrt_version
-from export import build
-from export.build import BuildError, BuildSettings, _rebuild_command, build_artifacts, build_parser, main
+from export.build import _rebuild_command, build_parser, main
 from export.checkpoint import random_vae, seeded_init
 from export.models import UpscalerUNet
 from export.onnx.components import Models
+from export.pipeline import graph, profiles
+from export.pipeline.driver import build_artifacts
+from export.pipeline.errors import BuildError
+from export.pipeline.settings import BuildSettings
 from export.reference import upscale as reference_upscale
 from runtime import Upscaler
 
@@ -101,14 +104,14 @@ def test_failure_mid_way_leaves_no_half_written_files_and_the_old_manifest(built
     out = tmp_path / "copy"
     shutil.copytree(built[0], out)
     old_manifest = (out / MANIFEST_NAME).read_bytes()
-    real = build.derive_profiles
+    real = profiles.derive_profiles
 
     def failing(component, *args):
         if component == "unet":
             raise ProfileError("simulated failure")
         return real(component, *args)
 
-    monkeypatch.setattr(build, "derive_profiles", failing)
+    monkeypatch.setattr(profiles, "derive_profiles", failing)
     models = _models(seed=3)  # new weights, so the graphs are exported again before the failure
     with pytest.raises(ProfileError, match="simulated"):
         build_artifacts(models, _settings(), out, log=lambda line: None)
@@ -121,7 +124,7 @@ def test_failure_in_a_fresh_folder_writes_no_manifest(tmp_path, monkeypatch):
     def failing(*args, **kwargs):
         raise RuntimeError("exporter crashed")
 
-    monkeypatch.setattr(build, "export_and_validate", failing)
+    monkeypatch.setattr(graph, "export_and_validate", failing)
     with pytest.raises(RuntimeError, match="exporter crashed"):
         build_artifacts(_models(), _settings(), tmp_path, log=lambda line: None)
     assert not (tmp_path / MANIFEST_NAME).exists() and not (tmp_path / "report.json").exists()
@@ -132,7 +135,7 @@ def test_failed_validation_stops_the_build(tmp_path, monkeypatch):
     def failed(models, component, precision, out):
         return {"status": "failed"}
 
-    monkeypatch.setattr(build, "export_and_validate", failed)
+    monkeypatch.setattr(graph, "export_and_validate", failed)
     with pytest.raises(BuildError, match="cond_encoder \\(fp16\\) failed validation against the fp32 eager model"):
         build_artifacts(_models(), _settings(), tmp_path, log=lambda line: None)
     assert not (tmp_path / MANIFEST_NAME).exists()

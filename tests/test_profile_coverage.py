@@ -16,9 +16,10 @@ import pytest
 from engines.memory import GraphMemoryModel
 from engines.profiles import admitting_profile, select_profile
 from engines.targets import PRESETS
-from export.build import BuildSettings, derive_profiles
 from export.onnx.components import COMPONENTS, Models
 from export.onnx.exporter import export_component
+from export.pipeline.profiles import derive_profiles
+from export.pipeline.settings import BuildSettings
 from runtime.upscaler import pass_inputs
 
 PX = 8  # pixels per latent pixel

@@ -1,0 +1,89 @@
+"""The build's driver: the stages in order, into one artifact folder, as a transaction."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from calib.quantize import QUANTIZED_PRECISIONS
+from engines.manifest import ComponentRecord, EngineRecord, Manifest
+from engines.profiles import Profile
+from export.onnx.components import COMPONENTS, Models
+
+from .engine import BuildEngine, EngineHost
+from .errors import BuildError
+from .folder import ArtifactFolder
+from .gate import GatePass, check_calibration_fits_engines
+from .graph import ExportGraph, GraphArtifact, toolkit_facts
+from .manifest import WriteManifest
+from .profiles import DeriveProfiles, check_range
+from .progress import StageLog
+from .quantize import QuantizeGraphs
+from .settings import PASS_COMPONENTS, BuildSettings
+from .weights import weight_digests
+
+
+def check_settings(settings: BuildSettings) -> None:
+    """Refuse settings no stage can satisfy, before any work."""
+    check_range(settings.target)
+    for component in settings.components:
+        settings.target.check_precision(settings.precision_of(component))
+    if settings.precision in QUANTIZED_PRECISIONS and not set(PASS_COMPONENTS) <= set(settings.components):
+        raise BuildError(f"{settings.precision} builds quantize cond_encoder and unet together (the accuracy gate "
+                         "runs the whole pass): add both to --components")
+
+
+def build_artifacts(models: Models, settings: BuildSettings, out: Path,
+                    log: Callable[[str], object] = print) -> Manifest:
+    """Run every stage into ``out``; the manifest is written last, only if all stages succeeded."""
+    check_settings(settings)
+    host = EngineHost.detect(settings.target)
+    if settings.require_engines and host.blocker:
+        raise BuildError(f"--require-engines: engines cannot be built here: {host.blocker}")
+    if not host.blocker:
+        check_calibration_fits_engines(settings)
+    folder, progress = ArtifactFolder(out), StageLog(log)
+    digests = weight_digests(models, settings.components)
+    toolkit = toolkit_facts(__name__)  # the whole build's source, for the manifest
+    out.mkdir(parents=True, exist_ok=True)
+    folder.clean_leftovers()  # of a build that was killed
+    started = time.perf_counter()
+    try:
+        quantized = None
+        if settings.precision in QUANTIZED_PRECISIONS:
+            quantized = QuantizeGraphs(models, settings.precision, settings.calibration_set(), settings.keep,
+                                       settings.seed, digests["unet"], folder, progress)()
+        records = {}
+        for name in settings.components:
+            precision = settings.precision_of(name)
+            progress(f"{name} ({precision})")
+            graph = quantized.graphs.get(name) if quantized else None
+            graph = graph or ExportGraph(name, precision, models, digests[COMPONENTS[name].needs], folder, progress)()
+            profiles, estimates = DeriveProfiles(name, models, settings, progress)(out / graph.file)
+            engine = BuildEngine(name, precision, settings.target, settings.options, host, folder, progress)(
+                graph.file, graph.sha256, profiles)
+            records[name] = _record(name, precision, graph, profiles, estimates, engine)
+        accuracy = GatePass(models, settings, folder, progress)(records, quantized.accuracy if quantized else None)
+    except BaseException:  # Ctrl-C included: the folder stays as its manifest says
+        folder.clean_leftovers()
+        raise
+    return WriteManifest(models, settings, host, toolkit, folder, progress)(records, accuracy, digests, started)
+
+
+def _record(component: str, precision: str, graph: GraphArtifact, profiles: list[Profile], estimates: list[int],
+            engine: EngineRecord) -> ComponentRecord:
+    spec = COMPONENTS[component]
+    return ComponentRecord(
+        name=component,
+        precision=precision,
+        onnx_file=graph.file,
+        onnx_sha256=graph.sha256,
+        onnx_key=graph.key,
+        inputs=list(spec.inputs),
+        outputs=list(spec.outputs),
+        profiles=profiles,
+        engine=engine,
+        validation=graph.validation,
+        memory_estimate_bytes=estimates,
+    )

@@ -1,0 +1,41 @@
+"""What one build is asked for: target, precisions, components, options, weights and calibration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from calib.data import CalibrationSet, load_calibration_set
+from calib.quantize import DEFAULT_KEEP
+from engines.profiles import MAX_BATCH
+from engines.targets import Target
+from engines.tensorrt_build import BuildOptions
+
+BUILD_COMPONENTS = ("cond_encoder", "unet", "vae_decoder")
+PASS_COMPONENTS = ("cond_encoder", "unet")
+CALIBRATION_SIZE = 4  # samples: the gate runs each through the fp32 eager model and the graphs
+
+
+@dataclass
+class BuildSettings:
+    """Everything a build is asked for, so the stages need nothing from the command line."""
+
+    target: Target
+    precision: str
+    vae_precision: str
+    components: tuple[str, ...] = BUILD_COMPONENTS
+    max_batch: int = MAX_BATCH
+    options: BuildOptions = field(default_factory=BuildOptions)
+    require_engines: bool = False
+    rebuild_command: str = "python -m export.build"
+    weights: dict = field(default_factory=dict)
+    calibration: CalibrationSet | None = None  # None: the seeded fallback, made when first needed
+    keep: tuple[str, ...] = DEFAULT_KEEP
+    seed: int = 0  # of the accuracy gate's pass noise
+
+    def calibration_set(self) -> CalibrationSet:
+        if self.calibration is None:
+            self.calibration = load_calibration_set(size=CALIBRATION_SIZE)
+        return self.calibration
+
+    def precision_of(self, component: str) -> str:
+        return self.vae_precision if component == "vae_decoder" else self.precision
