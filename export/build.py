@@ -25,8 +25,8 @@ from engines.tensorrt_build import BuildOptions
 from calib.data import DEFAULT_SIDE, CalibrationError, add_calibration_arguments, calibration_from_args
 from calib.quantize import DEFAULT_KEEP, KEEP_GROUPS, QUANTIZED_PRECISIONS, keep_groups
 
-from .checkpoint import CheckpointError, add_weight_arguments, load_unet, load_vae, random_vae, weights_digest
-from .onnx.components import COMPONENTS, Models
+from .checkpoint import CheckpointError, add_weight_arguments, load_unet, load_vae
+from .onnx.components import Models
 from .pipeline.driver import build_artifacts
 from .pipeline.engine import EngineHost
 from .pipeline.errors import BuildError
@@ -137,33 +137,6 @@ def _load_models(args: argparse.Namespace, components: tuple[str, ...]) -> tuple
         models.vae = load_vae(args.vae, random_weights=args.random_weights, seed=args.seed)
         sources["vae"] = random if args.random_weights else {"source": args.vae}
     return models, sources
-
-
-def models_from_weights_record(weights: dict, components: list[str]) -> Models:
-    """Rebuild the fp32 eager models a manifest's graphs were exported from, and prove it.
-
-    Raises ValueError when the record lacks a source or the loaded weights' digest differs.
-    """
-    models = Models()
-    for needs in sorted({COMPONENTS[c].needs for c in components}):
-        entry = weights.get(needs)
-        if not entry or "source" not in entry:
-            raise ValueError(
-                f"the manifest does not say where the {needs} weights came from (artifacts built through "
-                "the Python API without a source); use the onnxruntime or tensorrt backend"
-            )
-        random, source, config = entry["source"] == "random", entry["source"], entry.get("config", {})
-        if needs == "unet":
-            model = load_unet(None if random else source, random_weights=random, seed=entry.get("seed", 0), **config)
-        else:
-            model = random_vae(entry.get("seed", 0), **config) if random else load_vae(source)
-        if weights_digest(model) != entry["sha256"]:
-            raise ValueError(
-                f"the {needs} weights from {source!r} differ from the ones the artifacts were built from "
-                f"(sha256 {entry['sha256'][:12]}...)"
-            )
-        setattr(models, needs, model)
-    return models
 
 
 def _summary(manifest: Manifest, out: Path) -> str:
