@@ -19,7 +19,7 @@ import onnx
 from onnx import helper
 
 from .errors import FlowUpscalerError
-from .requirements import ONNXRUNTIME_EXTRAS, onnxruntime_missing
+from .requirements import ONNXRUNTIME_EXTRAS
 
 # ONNX Runtime 1.30's symbolic inference ignores Shape's start/end (opset 15+), so the sizes that
 # opset-18 Resize computes from a sliced Shape come out at the wrong rank; fixed in 1.31.0

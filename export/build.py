@@ -17,7 +17,8 @@ from pathlib import Path
 
 from engines.cli import SEED_RANGE, float_in_range, int_in_range, run_cli
 from engines.manifest import Manifest
-from engines.memory import MemoryEstimateError, onnxruntime_missing
+from engines.memory import MemoryEstimateError
+from engines.requirements import onnxruntime_missing
 from engines.profiles import MAX_BATCH, ProfileError
 from engines.targets import PRESETS, TARGET_CHOICES, Target, TargetError, get_target
 from engines.tensorrt_build import BuildOptions
