@@ -1,0 +1,169 @@
+"""``python -m runtime.serve``: serve an artifact folder as the model ``flow_upscaler`` on a real
+Triton Inference Server (KServe v2 HTTP and gRPC, dynamic batching, metrics), or write the model
+repository for a stock Triton server (``--write-repository``).
+
+Everything that can be refused is refused before the server starts (folder, ports, batch size).
+The server is ready only once every model instance loaded the folder and ran one warm-up pass.
+SIGTERM or SIGINT stops it: Triton finishes in-flight requests (up to 5 s), then the command exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from engines.cli import int_in_range, run_cli
+from engines.manifest import load_manifest
+
+from .noise import NOISE_MODES
+from .serving.repository import MODEL_NAME, ServedModel, this_python_path, write_repository
+from .serving.server import Ports, ServeError, TritonServer
+from .upscaler import BACKENDS, PIPELINE, InvalidArgumentError
+
+DEVICES = ("auto", "cpu", "cuda")
+PORT = int_in_range(1, 65535)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m runtime.serve",
+        description=(
+            f"Serve an artifact folder as the Triton model '{MODEL_NAME}': inputs latents FP32 [batch, 32, h, w] "
+            "(normalised FLUX.2 latents), scale INT32 [batch, 1] (2, 4 or 8), seed INT64 [batch, 1], optional "
+            "decode BOOL [batch, 1]; outputs upscaled FP32 [batch, 32, h*scale, w*scale] and, for decode=true, "
+            "image UINT8 [batch, 8*h*scale, 8*w*scale, 3] (RGB). Each request's result equals "
+            "Upscaler.upscale(latents, scale, seed=[its seeds]) with the same backend, whatever it is batched with."
+        ),
+        epilog="Runs the tritonserver bundled with nvidia-pytriton (the serve extra). GPU deployments: write the "
+        "repository with --device cuda --write-repository DIR and run it in NGC's tritonserver container (README).",
+    )
+    parser.add_argument("artifacts", type=Path, help="artifact folder (with manifest.json) from python -m export.build")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto", help="runtime backend of every instance (default: auto)")
+    parser.add_argument(
+        "--device", choices=DEVICES, default="auto",
+        help="cuda: instances on GPUs (Triton KIND_GPU, --instances per GPU); cpu: KIND_CPU; auto: cuda if this "
+        "machine has one, else cpu",
+    )
+    parser.add_argument("--noise", choices=NOISE_MODES, default="auto", help="noise mode of the upscalers (see Upscaler.load)")
+    parser.add_argument("--host", default="0.0.0.0", help="address the endpoints listen on (default: all; 127.0.0.1: this machine only)")
+    parser.add_argument("--http-port", type=PORT, default=8000)
+    parser.add_argument("--grpc-port", type=PORT, default=8001)
+    parser.add_argument("--metrics-port", type=PORT, default=8002, help="Prometheus metrics at /metrics")
+    parser.add_argument(
+        "--max-batch", type=int_in_range(1, 1024),
+        help="largest batch the dynamic batcher forms, in latents over all requests batched (default and upper "
+        "limit: the folder's largest profile batch)",
+    )
+    parser.add_argument("--max-queue-delay-us", type=int_in_range(0, 10_000_000), default=2000,
+                        help="how long a request may wait for others to batch with (default: 2000)")
+    parser.add_argument("--instances", type=int_in_range(1, 64), default=1,
+                        help="model instances (each its own process and Upscaler; per GPU with --device cuda)")
+    parser.add_argument("--ready-timeout", type=int_in_range(1, 3600), default=600,
+                        help="seconds to wait for the folder to load and warm up (default: 600)")
+    parser.add_argument("--verbose", action="store_true", help="print Triton's whole log (default: only this model's lines)")
+    parser.add_argument(
+        "--write-repository", type=Path, metavar="DIR",
+        help="write the model repository (DIR/flow_upscaler: config.pbtxt, 1/model.py) for a stock Triton server "
+        "and exit, without serving",
+    )
+    parser.add_argument("--copy-artifacts", action="store_true",
+                        help="with --write-repository: copy the folder into the repository (else it is named by absolute path)")
+    return parser
+
+
+def folder_max_batch(artifacts: Path) -> int:
+    """The largest batch the folder's pass engines take (checks the folder on the way)."""
+    manifest = load_manifest(artifacts)
+    missing = [c for c in PIPELINE if c not in manifest.components]
+    if missing:
+        raise InvalidArgumentError(f"{artifacts} lacks {', '.join(missing)}; rebuild with: {manifest.rebuild_command}")
+    inputs = {"cond_encoder": "latents_small", "unet": "sample"}
+    return min(max(p.max[inputs[c]][0] for p in manifest.components[c].profiles) for c in PIPELINE)
+
+
+def served_model(args: argparse.Namespace) -> ServedModel:
+    limit = folder_max_batch(args.artifacts)
+    if args.max_batch is not None and args.max_batch > limit:
+        raise InvalidArgumentError(
+            f"--max-batch {args.max_batch} is more than {args.artifacts} was built for (batch up to {limit}); "
+            f"pass --max-batch 1..{limit} or rebuild the folder with a larger --max-batch"
+        )
+    if args.copy_artifacts and args.write_repository is None:
+        raise InvalidArgumentError("--copy-artifacts goes with --write-repository DIR")
+    if args.device == "auto":
+        import torch
+
+        gpu = torch.cuda.is_available()
+    else:
+        gpu = args.device == "cuda"
+    return ServedModel(
+        artifacts=args.artifacts.resolve(), backend=args.backend, noise=args.noise, gpu=gpu, instances=args.instances,
+        max_batch=args.max_batch or limit, max_queue_delay_us=args.max_queue_delay_us, python_path=this_python_path(),
+    )
+
+
+class _StopRequested(Exception):
+    pass
+
+
+def _raise_stop(signum: int, frame: object) -> None:
+    raise _StopRequested(signal.Signals(signum).name)
+
+
+def serve(model: ServedModel, host: str, ports: Ports, ready_timeout: float, verbose: bool) -> int:
+    """Serve until SIGTERM/SIGINT (exit 0) or until the server fails (``ServeError``)."""
+    previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    kind = "GPU" if model.gpu else "CPU"
+    print(f"{MODEL_NAME}: serving {model.artifacts} with backend {model.backend} on {kind} ({model.instances} "
+          f"instance(s), max batch {model.max_batch}); starting Triton...", flush=True)
+
+    def echo(line: str) -> None:
+        if verbose or MODEL_NAME in line:
+            print(f"triton: {line}", flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="flow-upscaler-repository-") as scratch:
+        server = TritonServer(write_repository(Path(scratch), model).parent, host, ports, echo=echo)
+        stopped_by = None
+        try:
+            server.start()
+            seconds = server.wait_ready(ready_timeout)
+            print(f"ready in {seconds:.1f} s: HTTP {server.url}/v2/models/{MODEL_NAME}, gRPC {host}:{ports.grpc}, "
+                  f"metrics http://{host}:{ports.metrics}/metrics (SIGTERM or Ctrl-C stops)", flush=True)
+            while server.process.poll() is None:
+                time.sleep(0.5)
+            raise ServeError(f"the Triton server exited unexpectedly (code {server.process.returncode}): {server.failure()}")
+        except _StopRequested as stop:
+            stopped_by = str(stop)
+        finally:
+            start = time.monotonic()
+            code = server.stop()
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+        print(f"stopped ({stopped_by}) in {time.monotonic() - start:.1f} s, Triton exit code {code}", flush=True)
+    return 0
+
+
+def serve_command(argv: list[str] | None = None) -> int:
+    """The command; raises the project's exceptions (``main`` turns them into exit codes)."""
+    args = build_parser().parse_args(argv)
+    model = served_model(args)
+    if args.write_repository is not None:
+        folder = write_repository(args.write_repository, model, copy_artifacts=args.copy_artifacts)
+        print(f"wrote {folder} (config.pbtxt, {folder.name}/1/model.py); serve it with: tritonserver "
+              f"--model-repository {folder.parent.resolve()}")
+        return 0
+    ports = Ports(args.http_port, args.grpc_port, args.metrics_port)
+    return serve(model, args.host, ports, args.ready_timeout, args.verbose)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command as on the command line: refusals are one ``error:`` line and exit 1."""
+    return run_cli(serve_command, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""The Triton model repository that serves ``flow_upscaler``: what ``python -m runtime.serve``
+runs on the bundled server, and what ``--write-repository`` hands to a stock Triton server.
+
+Layout: ``<repository>/flow_upscaler/config.pbtxt`` (tensors, dynamic batching, instance group,
+the folder and backend as parameters) and ``<repository>/flow_upscaler/1/model.py``, a shim that
+makes this package importable in Triton's Python backend and delegates to
+``runtime.serving.triton_model``. The artifact folder is named by absolute path, or copied into
+``flow_upscaler/1/artifacts`` so the repository can be mounted elsewhere (a container).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engines.errors import FlowUpscalerError
+
+from ..latents import LATENT_CHANNELS
+from .requests import DECODE, IMAGE, LATENTS, SCALE, SEED, UPSCALED
+
+MODEL_NAME = "flow_upscaler"
+MODEL_VERSION = "1"
+COPIED_ARTIFACTS = "artifacts"  # inside the version folder; the model resolves a relative path there
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the runtime and engines packages
+
+
+class RepositoryError(FlowUpscalerError, OSError):
+    """The model repository cannot be written where asked."""
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What the served model is: the folder, how it runs, and how Triton schedules it."""
+
+    artifacts: Path
+    backend: str = "auto"
+    noise: str = "auto"
+    gpu: bool = False  # instance group KIND_GPU (one Upscaler per instance on its GPU), else KIND_CPU
+    instances: int = 1  # per GPU with gpu, else in all
+    max_batch: int = 1  # Triton's max_batch_size: items per batch, summed over the requests batched
+    max_queue_delay_us: int = 2000  # how long the dynamic batcher waits to fill a batch
+    python_path: list[str] = field(default_factory=list)  # import paths the Python backend adds first
+
+
+def this_python_path() -> list[str]:
+    """Where this interpreter finds this package and its dependencies (a virtual environment's
+    site-packages included): what the Python backend's embedded interpreter needs on this machine.
+    Folders that do not exist where the repository is served are skipped by the model."""
+    paths = [str(PACKAGE_ROOT)]
+    for entry in sys.path:
+        if entry and os.path.isdir(entry) and entry not in paths:
+            paths.append(os.path.abspath(entry))
+    return paths
+
+
+def config_text(model: ServedModel, artifacts: str) -> str:
+    """config.pbtxt: the tensors of the served model, its batching and instances, its parameters."""
+    kind = "KIND_GPU" if model.gpu else "KIND_CPU"
+    parameters = {
+        "artifacts": artifacts,
+        "backend": model.backend,
+        "noise": model.noise,
+        "python_path": json.dumps(model.python_path),
+    }
+    parameter_lines = "\n".join(
+        f"  {{ key: {json.dumps(k)} value: {{ string_value: {json.dumps(v)} }} }}," for k, v in parameters.items()
+    ).rstrip(",")
+    return f"""# Written by `python -m runtime.serve`: Flow Upscaler one-step latent upscaling (2x, 4x, 8x).
+name: "{MODEL_NAME}"
+backend: "python"
+max_batch_size: {model.max_batch}
+input [
+  {{ name: "{LATENTS}" data_type: TYPE_FP32 dims: [ {LATENT_CHANNELS}, -1, -1 ] }},
+  {{ name: "{SCALE}" data_type: TYPE_INT32 dims: [ 1 ] }},
+  {{ name: "{SEED}" data_type: TYPE_INT64 dims: [ 1 ] }},
+  {{ name: "{DECODE}" data_type: TYPE_BOOL dims: [ 1 ] optional: true }}
+]
+output [
+  {{ name: "{UPSCALED}" data_type: TYPE_FP32 dims: [ {LATENT_CHANNELS}, -1, -1 ] }},
+  {{ name: "{IMAGE}" data_type: TYPE_UINT8 dims: [ -1, -1, 3 ] }}
+]
+dynamic_batching {{ max_queue_delay_microseconds: {model.max_queue_delay_us} }}
+instance_group [ {{ count: {model.instances} kind: {kind} }} ]
+parameters [
+{parameter_lines}
+]
+"""
+
+
+MODEL_PY = '''"""Triton Python-backend model flow_upscaler, written by `python -m runtime.serve`.
+
+The code is runtime.serving.triton_model of the flow-upscaler-deploy package: install it (with
+its cpu or gpu extra) in the Python that runs Triton's Python backend, or serve on the machine
+that wrote this repository (config.pbtxt's python_path names that machine's import paths).
+"""
+
+import json
+import os
+import sys
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        paths = json.loads(config["parameters"]["python_path"]["string_value"])
+        sys.path[:0] = [p for p in paths if os.path.isdir(p) and p not in sys.path]
+        try:
+            from runtime.serving.triton_model import FlowUpscalerModel
+        except ImportError as exc:
+            raise ImportError(
+                f"flow_upscaler needs the flow-upscaler-deploy package and its runtime dependencies in the "
+                f"Python of Triton's Python backend ({sys.version.split()[0]}): {exc}"
+            ) from exc
+        self.model = FlowUpscalerModel(args)
+
+    def execute(self, requests):
+        return self.model.execute(requests)
+
+    def finalize(self):
+        self.model.finalize()
+'''
+
+
+def write_repository(repository: Path, model: ServedModel, copy_artifacts: bool = False) -> Path:
+    """Write ``<repository>/flow_upscaler`` whole or not at all (a previous one is replaced only
+    once the new one is complete); other models in ``repository`` are left alone. Returns the
+    model's folder."""
+    repository = Path(repository)
+    if repository.exists() and not repository.is_dir():
+        raise RepositoryError(f"--write-repository {repository} is a file; give a folder (new or a Triton model repository)")
+    artifacts = Path(model.artifacts).resolve()
+    if repository.resolve() == artifacts or artifacts in repository.resolve().parents:
+        raise RepositoryError(f"--write-repository {repository} is inside the artifact folder {artifacts}; give a folder outside it")
+    repository.mkdir(parents=True, exist_ok=True)
+    target = repository / MODEL_NAME
+    _recover(repository, target)
+    staging = Path(tempfile.mkdtemp(prefix=f".{MODEL_NAME}.", dir=repository))
+    try:
+        version = staging / MODEL_VERSION
+        version.mkdir()
+        if copy_artifacts:
+            shutil.copytree(artifacts, version / COPIED_ARTIFACTS)
+        named = COPIED_ARTIFACTS if copy_artifacts else str(artifacts)
+        (staging / "config.pbtxt").write_text(config_text(model, named))
+        (version / "model.py").write_text(MODEL_PY)
+        staging.chmod(0o755)
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{MODEL_NAME}.old.", dir=repository))
+            target.rename(old / MODEL_NAME)
+            staging.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _recover(repository: Path, target: Path) -> None:
+    """Leftovers of a write that was killed: put a model that was set aside back, delete the rest
+    (Triton would try to load any folder of the repository as a model)."""
+    for leftover in sorted(repository.glob(f".{MODEL_NAME}.*")):
+        set_aside = leftover / MODEL_NAME
+        if not target.exists() and set_aside.is_dir():
+            set_aside.rename(target)
+        shutil.rmtree(leftover, ignore_errors=True)

@@ -1,0 +1,257 @@
+"""A real Triton Inference Server on this machine: the ``tritonserver`` that the nvidia-pytriton
+wheel bundles (Triton 2.51 with the Python backend only), run as a child process on a model
+repository.
+
+A runner in Polygraphy's sense: the constructor captures the configuration, ``start`` launches,
+``wait_ready`` returns once the server and its models are ready (or raises with the reason the
+model did not load), ``stop`` sends SIGTERM (Triton finishes in-flight requests) and kills what is
+left after a grace period. Triton's own log goes to a file and, with ``echo``, to a callback.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from engines.errors import FlowUpscalerError
+
+from .repository import MODEL_NAME
+
+logger = logging.getLogger(__name__)
+
+SERVE_EXTRA = "install the serving extra: pip install -e '.[serve]' (nvidia-pytriton bundles the server)"
+EXIT_TIMEOUT_S = 5  # Triton's grace period for in-flight requests on SIGTERM
+_PR_SET_PDEATHSIG = 1
+
+
+class ServeError(FlowUpscalerError, RuntimeError):
+    """The server cannot start here, or its model did not load."""
+
+
+@dataclass(frozen=True)
+class Ports:
+    http: int = 8000
+    grpc: int = 8001
+    metrics: int = 8002
+
+    def named(self) -> dict[str, int]:
+        return {"--http-port": self.http, "--grpc-port": self.grpc, "--metrics-port": self.metrics}
+
+
+def check_ports_free(host: str, ports: Ports) -> None:
+    """Refuse ports another process holds, by name, before the server is started."""
+    values = list(ports.named().values())
+    if len(set(values)) != len(values):
+        raise ServeError(f"the HTTP, gRPC and metrics ports must differ, got {ports.named()}")
+    for flag, port in ports.named().items():
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                raise ServeError(f"{flag} {port} on {host} is not available ({exc.strerror}); pick another with {flag}") from None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now (for tests and benchmarks)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class BundledTriton:
+    """Where the nvidia-pytriton wheel keeps the server, its libraries and the Python backend."""
+
+    server: Path
+    libraries: Path
+    python_backend: Path
+    stub: Path
+
+    @classmethod
+    def find(cls) -> BundledTriton:
+        try:
+            from pytriton.utils.distribution import get_libs_path, get_root_module_path, get_stub_path
+        except ModuleNotFoundError as exc:
+            if exc.name is None or not exc.name.startswith("pytriton"):
+                raise
+            raise ServeError(f"the Triton server is not installed; {SERVE_EXTRA}") from None
+        version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+        root = get_root_module_path() / "tritonserver"
+        found = cls(root / "bin" / "tritonserver", Path(get_libs_path()), root / "backends" / "python", Path(get_stub_path(version)))
+        if not found.stub.is_file():
+            raise ServeError(
+                f"the bundled Triton has no Python backend for Python {version} (it has "
+                f"{', '.join(sorted(p.name for p in found.stub.parents[1].iterdir()))}); run with one of those"
+            )
+        for path in (found.server, found.libraries, found.python_backend):
+            if not path.exists():
+                raise ServeError(f"the nvidia-pytriton install is incomplete ({path} is missing); reinstall it: {SERVE_EXTRA}")
+        return found
+
+    def backend_directory(self, under: Path) -> Path:
+        """A backends folder whose Python backend has this interpreter's stub (the wheel ships one
+        per Python version), as pytriton itself prepares it; links, not copies."""
+        python = under / "backends" / "python"
+        python.mkdir(parents=True)
+        for item in self.python_backend.iterdir():
+            if item.name != "__pycache__":
+                (python / item.name).symlink_to(item)
+        (python / "triton_python_backend_stub").symlink_to(self.stub)
+        return python.parent
+
+    def environment(self) -> dict[str, str]:
+        """The server's libraries, and this interpreter's libpython for the Python backend's stub
+        (without it the stub may load the system's libpython instead)."""
+        if not sysconfig.get_config_var("Py_ENABLE_SHARED"):
+            raise ServeError(
+                f"this Python ({sys.executable}) has no shared libpython, which Triton's Python backend "
+                "loads; use a Python built with --enable-shared (distribution, pyenv with "
+                "PYTHON_CONFIGURE_OPTS=--enable-shared, or conda)"
+            )
+        env = dict(os.environ)
+        folders = [str(self.libraries), sysconfig.get_config_var("LIBDIR")]
+        if env.get("LD_LIBRARY_PATH"):
+            folders.append(env["LD_LIBRARY_PATH"])
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(folders)
+        return env
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM if the launching process dies (even by SIGKILL), so no server outlives it."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+class TritonServer:
+    """The bundled ``tritonserver`` on one model repository, on ``host`` and ``ports``."""
+
+    def __init__(
+        self,
+        repository: Path,
+        host: str = "0.0.0.0",
+        ports: Ports = Ports(),
+        echo: Callable[[str], None] | None = None,
+        log_verbose: int = 0,
+    ):
+        self.repository, self.host, self.ports, self.echo = Path(repository), host, ports, echo
+        self.log_verbose = log_verbose
+        self.process: subprocess.Popen | None = None
+        self._workspace: Path | None = None
+        self._tail: collections.deque[str] = collections.deque(maxlen=400)
+        self._reader: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return f"http://{host}:{self.ports.http}"
+
+    def command(self, backends: Path) -> list[str]:
+        return [
+            str(self._bundle.server),
+            "--model-repository", str(self.repository),
+            "--backend-directory", str(backends),
+            "--http-address", self.host, "--grpc-address", self.host, "--metrics-address", self.host,
+            *[str(v) for flag, port in self.ports.named().items() for v in (flag, port)],
+            "--exit-timeout-secs", str(EXIT_TIMEOUT_S),
+            "--log-verbose", str(self.log_verbose),
+        ]
+
+    def start(self) -> None:
+        check_ports_free(self.host, self.ports)
+        self._bundle = BundledTriton.find()
+        env = self._bundle.environment()
+        self._workspace = Path(tempfile.mkdtemp(prefix="flow-upscaler-triton-"))
+        command = self.command(self._bundle.backend_directory(self._workspace))
+        logger.info("starting %s", " ".join(command))
+        self.process = subprocess.Popen(
+            command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, errors="replace", preexec_fn=_die_with_parent,
+        )
+        self._reader = threading.Thread(target=self._read_log, name="triton-log", daemon=True)
+        self._reader.start()
+
+    def _read_log(self) -> None:
+        for line in self.process.stdout:
+            self._tail.append(line.rstrip("\n"))
+            if self.echo is not None:
+                self.echo(line.rstrip("\n"))
+
+    def log_tail(self) -> list[str]:
+        return list(self._tail)
+
+    def is_ready(self) -> bool:
+        """Server ready (Triton's strict readiness: every model loaded)."""
+        try:
+            with urllib.request.urlopen(f"{self.url}/v2/health/ready", timeout=2) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait_ready(self, timeout_s: float) -> float:
+        """Seconds until ready; raises ``ServeError`` with the model's load error if the server exits."""
+        start = time.monotonic()
+        while time.monotonic() - start < timeout_s:
+            if self.process.poll() is not None:
+                self._reader.join(timeout=5)
+                raise ServeError(f"the Triton server stopped before it was ready: {self.failure()}")
+            if self.is_ready():
+                return time.monotonic() - start
+            time.sleep(0.2)
+        raise ServeError(f"the Triton server was not ready after {timeout_s:.0f} s (model load or warm-up too slow?); "
+                         f"raise --ready-timeout. Last log lines: {' | '.join(self.log_tail()[-5:])}")
+
+    def failure(self) -> str:
+        """The reason Triton gave for not starting, from its log: the model's load error if any."""
+        marker = f"failed to load '{MODEL_NAME}' version "
+        for line in reversed(self._tail):
+            if marker in line:
+                reason = line.split(marker, 1)[1].split(": ", 1)[-1]
+                return reason.split("\\n\\nAt:")[0].replace("\\n", " ").strip('" ')
+        errors = [line for line in self._tail if line.startswith(("error:", "E"))]
+        return " | ".join((errors or self.log_tail())[-3:]) or f"exit code {self.process.returncode}"
+
+    def stop(self, timeout_s: float = EXIT_TIMEOUT_S + 10) -> int | None:
+        """SIGTERM, then SIGKILL after ``timeout_s``; removes the workspace. Returns the exit code."""
+        code = None
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGTERM)
+                try:
+                    self.process.wait(timeout=timeout_s)
+                except subprocess.TimeoutExpired:
+                    logger.warning("Triton did not stop within %.0f s of SIGTERM; killing it", timeout_s)
+                    self.process.kill()
+                    self.process.wait()
+            code = self.process.returncode
+            if self._reader is not None:
+                self._reader.join(timeout=5)
+        if self._workspace is not None:
+            shutil.rmtree(self._workspace, ignore_errors=True)
+            self._workspace = None
+        return code
+
+    def __enter__(self) -> TritonServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
