@@ -4,7 +4,8 @@ repository for a stock Triton server (``--write-repository``).
 
 Everything that can be refused is refused before the server starts (folder, ports, batch size).
 The server is ready only once every model instance loaded the folder and ran one warm-up pass.
-SIGTERM or SIGINT stops it: Triton finishes in-flight requests (up to 5 s), then the command exits 0.
+SIGTERM or SIGINT stops it: Triton finishes in-flight requests (within ``--exit-timeout``), then
+the command exits 0.
 """
 
 from __future__ import annotations
@@ -20,8 +21,13 @@ from engines.cli import int_in_range, run_cli
 from engines.manifest import load_manifest
 
 from .noise import NOISE_MODES
-from .serving.repository import MODEL_NAME, ServedModel, this_python_path, write_repository
-from .serving.server import Ports, ServeError, TritonServer
+from .serving.repository import (
+    MODEL_NAME,
+    ServedModel,
+    this_python_path,
+    write_repository,
+)
+from .serving.server import EXIT_TIMEOUT_S, Ports, ServeError, TritonServer
 from .upscaler import BACKENDS, PIPELINE, InvalidArgumentError
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -64,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="model instances (each its own process and Upscaler; per GPU with --device cuda)")
     parser.add_argument("--ready-timeout", type=int_in_range(1, 3600), default=600,
                         help="seconds to wait for the folder to load and warm up (default: 600)")
+    parser.add_argument("--exit-timeout", type=int_in_range(0, 3600), default=EXIT_TIMEOUT_S,
+                        help="seconds Triton waits on SIGTERM for clients' connections and in-flight requests "
+                        f"(default: {EXIT_TIMEOUT_S}; raise it for long requests)")
     parser.add_argument("--verbose", action="store_true", help="print Triton's whole log (default: only this model's lines)")
     parser.add_argument(
         "--write-repository", type=Path, metavar="DIR",
@@ -114,7 +123,7 @@ def _raise_stop(signum: int, frame: object) -> None:
     raise _StopRequested(signal.Signals(signum).name)
 
 
-def serve(model: ServedModel, host: str, ports: Ports, ready_timeout: float, verbose: bool) -> int:
+def serve(model: ServedModel, host: str, ports: Ports, ready_timeout: float, exit_timeout: int, verbose: bool) -> int:
     """Serve until SIGTERM/SIGINT (exit 0) or until the server fails (``ServeError``)."""
     previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     kind = "GPU" if model.gpu else "CPU"
@@ -126,7 +135,8 @@ def serve(model: ServedModel, host: str, ports: Ports, ready_timeout: float, ver
             print(f"triton: {line}", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="flow-upscaler-repository-") as scratch:
-        server = TritonServer(write_repository(Path(scratch), model).parent, host, ports, echo=echo)
+        server = TritonServer(write_repository(Path(scratch), model).parent, host, ports, echo=echo,
+                              exit_timeout_s=exit_timeout)
         stopped_by = None
         try:
             server.start()
@@ -143,7 +153,8 @@ def serve(model: ServedModel, host: str, ports: Ports, ready_timeout: float, ver
             code = server.stop()
             for number, handler in previous.items():
                 signal.signal(number, handler)
-        print(f"stopped ({stopped_by}) in {time.monotonic() - start:.1f} s, Triton exit code {code}", flush=True)
+        note = " (its exit timeout expired: clients kept connections open or requests ran long)" if code else ""
+        print(f"stopped ({stopped_by}) in {time.monotonic() - start:.1f} s, Triton exit code {code}{note}", flush=True)
     return 0
 
 
@@ -157,7 +168,7 @@ def serve_command(argv: list[str] | None = None) -> int:
               f"--model-repository {folder.parent.resolve()}")
         return 0
     ports = Ports(args.http_port, args.grpc_port, args.metrics_port)
-    return serve(model, args.host, ports, args.ready_timeout, args.verbose)
+    return serve(model, args.host, ports, args.ready_timeout, args.exit_timeout, args.verbose)
 
 
 def main(argv: list[str] | None = None) -> int:

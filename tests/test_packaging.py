@@ -163,6 +163,8 @@ DISTRIBUTIONS = {
     "onnx": "onnx", "onnxscript": "onnxscript", "onnxslim": "onnxslim", "polygraphy": "polygraphy",
     "diffusers": "diffusers", "huggingface_hub": "huggingface-hub", "matplotlib": "matplotlib",
     "onnxruntime": "onnxruntime", "tensorrt": "tensorrt-cu13",
+    # serving: the server and its Python backend's module come with nvidia-pytriton (or NGC's container)
+    "pytriton": "nvidia-pytriton", "triton_python_backend_utils": "nvidia-pytriton", "tritonclient": "tritonclient",
 }
 PROJECT_PACKAGES = ("engines", "export", "runtime", "calib", "benchmarks")
 
@@ -204,13 +206,15 @@ def test_a_runtime_only_install_is_the_core_and_one_onnxruntime(project):
     core = _names(_requirements(project, set()))
     assert core == {"torch", "numpy", "safetensors", "ml-dtypes", "pillow"}
     runtime_imports = _third_party_imports(("runtime",))
-    needed = {DISTRIBUTIONS[name] for name in runtime_imports} - {"onnxruntime", "tensorrt-cu13"}
+    serving = _names(_extra_requirements(project, {"serve"}))  # python -m runtime.serve only
+    assert serving == {"nvidia-pytriton", "tritonclient"}
+    needed = {DISTRIBUTIONS[name] for name in runtime_imports} - {"onnxruntime", "tensorrt-cu13"} - serving
     assert needed <= core, f"the runtime imports {sorted(needed - core)} beyond the core"
     build_side = {"onnx", "onnxscript", "onnxslim", "polygraphy", "diffusers", "huggingface-hub", "matplotlib"}
     assert not core & build_side
     assert {"diffusers", "huggingface-hub"} <= _names(_extra_requirements(project, {"models"}))
     assert build_side - {"matplotlib"} <= _names(_extra_requirements(project, {"build"}))
-    assert build_side | {"pytest"} <= _names(_extra_requirements(project, {"dev"}))
+    assert build_side | serving | {"pytest"} <= _names(_extra_requirements(project, {"dev"}))
 
 
 def test_every_package_ships_py_typed_and_the_public_api_is_typed():

@@ -36,7 +36,9 @@ from .repository import MODEL_NAME
 logger = logging.getLogger(__name__)
 
 SERVE_EXTRA = "install the serving extra: pip install -e '.[serve]' (nvidia-pytriton bundles the server)"
-EXIT_TIMEOUT_S = 5  # Triton's grace period for in-flight requests on SIGTERM
+# Triton's grace period on SIGTERM: it waits for open HTTP connections (clients' keep-alive ones
+# too), then in-flight requests, then unloads; past it, it exits 1 at once.
+EXIT_TIMEOUT_S = 10
 _PR_SET_PDEATHSIG = 1
 
 
@@ -87,7 +89,11 @@ class BundledTriton:
     @classmethod
     def find(cls) -> BundledTriton:
         try:
-            from pytriton.utils.distribution import get_libs_path, get_root_module_path, get_stub_path
+            from pytriton.utils.distribution import (
+                get_libs_path,
+                get_root_module_path,
+                get_stub_path,
+            )
         except ModuleNotFoundError as exc:
             if exc.name is None or not exc.name.startswith("pytriton"):
                 raise
@@ -133,12 +139,15 @@ class BundledTriton:
         return env
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM if the launching process dies (even by SIGKILL), so no server outlives it."""
+def _parent_death_signal() -> Callable[[], None] | None:
+    """A function for the child, between fork and exec, that asks Linux for SIGTERM when the
+    launching process dies (even by SIGKILL), so no server outlives it. ``prctl`` is looked up
+    here, in the parent: the child then makes one system call and loads nothing."""
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux: the server is stopped by stop() only
+        return None
+    return lambda: prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class TritonServer:
@@ -151,9 +160,10 @@ class TritonServer:
         ports: Ports = Ports(),
         echo: Callable[[str], None] | None = None,
         log_verbose: int = 0,
+        exit_timeout_s: int = EXIT_TIMEOUT_S,
     ):
         self.repository, self.host, self.ports, self.echo = Path(repository), host, ports, echo
-        self.log_verbose = log_verbose
+        self.log_verbose, self.exit_timeout_s = log_verbose, exit_timeout_s
         self.process: subprocess.Popen | None = None
         self._workspace: Path | None = None
         self._tail: collections.deque[str] = collections.deque(maxlen=400)
@@ -171,7 +181,7 @@ class TritonServer:
             "--backend-directory", str(backends),
             "--http-address", self.host, "--grpc-address", self.host, "--metrics-address", self.host,
             *[str(v) for flag, port in self.ports.named().items() for v in (flag, port)],
-            "--exit-timeout-secs", str(EXIT_TIMEOUT_S),
+            "--exit-timeout-secs", str(self.exit_timeout_s),
             "--log-verbose", str(self.log_verbose),
         ]
 
@@ -184,7 +194,7 @@ class TritonServer:
         logger.info("starting %s", " ".join(command))
         self.process = subprocess.Popen(
             command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, errors="replace", preexec_fn=_die_with_parent,
+            text=True, errors="replace", preexec_fn=_parent_death_signal(),  # noqa: PLW1509 - one syscall
         )
         self._reader = threading.Thread(target=self._read_log, name="triton-log", daemon=True)
         self._reader.start()
@@ -229,8 +239,10 @@ class TritonServer:
         errors = [line for line in self._tail if line.startswith(("error:", "E"))]
         return " | ".join((errors or self.log_tail())[-3:]) or f"exit code {self.process.returncode}"
 
-    def stop(self, timeout_s: float = EXIT_TIMEOUT_S + 10) -> int | None:
-        """SIGTERM, then SIGKILL after ``timeout_s``; removes the workspace. Returns the exit code."""
+    def stop(self) -> int | None:
+        """SIGTERM, then SIGKILL if Triton is still there 10 s after its exit timeout; removes the
+        workspace. Returns Triton's exit code (1 when its exit timeout expired)."""
+        timeout_s = self.exit_timeout_s + 10
         code = None
         if self.process is not None:
             if self.process.poll() is None:

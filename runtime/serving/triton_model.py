@@ -19,7 +19,18 @@ import triton_python_backend_utils as pb_utils  # provided by Triton's Python ba
 from engines.errors import FlowUpscalerError
 
 from ..upscaler import Upscaler
-from .requests import DECODE, IMAGE, LATENTS, SCALE, SEED, UPSCALED, Request, Result, serve_batch, warm_up
+from .requests import (
+    DECODE,
+    IMAGE,
+    LATENTS,
+    SCALE,
+    SEED,
+    UPSCALED,
+    Request,
+    Result,
+    serve_batch,
+    warm_up,
+)
 
 
 def model_parameters(model_config: dict) -> dict[str, str]:
@@ -54,7 +65,7 @@ class FlowUpscalerModel:
         inputs = [_request(r) for r in requests]
         try:
             answers = serve_batch(self.upscaler, inputs)
-        except Exception as exc:  # a bug or the device out of memory: every request of the batch fails, the server stays up
+        except Exception as exc:  # noqa: BLE001 - a bug or the device out of memory: every request of the batch fails, the server stays up
             pb_utils.Logger.log_error(f"flow_upscaler: a batch of {len(requests)} requests failed:\n{traceback.format_exc()}")
             error = pb_utils.TritonError(f"flow_upscaler failed on this batch ({type(exc).__name__}: {exc}); see the server log")
             return [pb_utils.InferenceResponse(error=error) for _ in requests]

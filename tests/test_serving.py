@@ -1,0 +1,329 @@
+"""Serving on a real Triton server: the tritonserver bundled with nvidia-pytriton, started by
+``python -m runtime.serve`` on loopback ports, always stopped at the end (bounded waits)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pytriton", reason="serving needs the serve extra: pip install -e '.[serve]'")
+httpclient = pytest.importorskip("tritonclient.http", reason="the serving tests' client is tritonclient (serve extra)")
+
+from runtime import Upscaler
+from runtime.serving.repository import (
+    MODEL_NAME,
+    ServedModel,
+    this_python_path,
+    write_repository,
+)
+from runtime.serving.requests import Request, Result, serve_batch
+from runtime.serving.server import Ports, ServeError, TritonServer, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+READY_S = 120
+QUEUE_DELAY_US = 300_000  # long enough that concurrent requests are batched together
+
+
+def _ports() -> Ports:
+    return Ports(free_port(), free_port(), free_port())
+
+
+def _serve(folder: Path, ports: Ports, *extra: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "runtime.serve", str(folder), "--host", "127.0.0.1",
+               "--http-port", str(ports.http), "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics), *extra]
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_line(process: subprocess.Popen, needle: str, timeout_s: float) -> list[str]:
+    """The output lines up to one containing ``needle``; fails if the process ends first or time runs out."""
+    lines: list[str] = []
+    done = threading.Event()
+
+    def read() -> None:
+        for line in process.stdout:
+            lines.append(line.rstrip("\n"))
+            if needle in line:
+                done.set()
+                return
+        done.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    assert done.wait(timeout_s), f"no {needle!r} within {timeout_s} s: {lines}"
+    assert any(needle in line for line in lines), f"the command ended without {needle!r}: {lines}"
+    return lines
+
+
+def _stop(process: subprocess.Popen) -> tuple[int, str]:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        rest, _ = process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        rest, _ = process.communicate()
+    return process.returncode, rest or ""
+
+
+@pytest.fixture(scope="module")
+def server(small_artifacts):
+    """``python -m runtime.serve`` on the small folder, ONNX Runtime on the CPU, batching up to 4."""
+    ports = _ports()
+    process = _serve(small_artifacts, ports, "--backend", "onnxruntime", "--max-batch", "4",
+                     "--max-queue-delay-us", str(QUEUE_DELAY_US))
+    try:
+        lines = _wait_line(process, "ready in", READY_S)
+        yield {"ports": ports, "lines": lines, "process": process,
+               "client": httpclient.InferenceServerClient(f"127.0.0.1:{ports.http}")}
+    finally:
+        code, rest = _stop(process)
+    assert code == 0, rest
+    assert "stopped (SIGTERM)" in rest, rest
+
+
+@pytest.fixture(scope="module")
+def upscaler(small_artifacts):
+    with Upscaler.load(small_artifacts, backend="onnxruntime") as loaded:
+        yield loaded
+
+
+def _client(server: dict):
+    return httpclient.InferenceServerClient(f"127.0.0.1:{server['ports'].http}")
+
+
+def _inputs(latents: np.ndarray, scale: int | list[int], seeds: list[int], decode: bool | None = None) -> list:
+    batch = latents.shape[0]
+    scales = np.asarray(scale if isinstance(scale, list) else [scale] * batch, np.int32).reshape(batch, 1)
+    tensors = [("latents", latents, "FP32"), ("scale", scales, "INT32"),
+               ("seed", np.asarray(seeds, np.int64).reshape(batch, 1), "INT64")]
+    if decode is not None:
+        tensors.append(("decode", np.full((batch, 1), decode), "BOOL"))
+    inputs = []
+    for name, array, dtype in tensors:
+        tensor = httpclient.InferInput(name, list(array.shape), dtype)
+        tensor.set_data_from_numpy(array, binary_data=True)
+        inputs.append(tensor)
+    return inputs
+
+
+def _infer(client, latents: np.ndarray, scale=2, seeds=(0,), decode=None, outputs=("upscaled",)):
+    requested = [httpclient.InferRequestedOutput(name, binary_data=True) for name in outputs]
+    return client.infer(MODEL_NAME, _inputs(latents, scale, list(seeds), decode), outputs=requested)
+
+
+def _latents(batch: int, side: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((batch, 32, side, side), dtype=np.float32)
+
+
+def _rel_l2(got: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+
+
+def test_startup_names_the_backend_and_folder(server, small_artifacts):
+    ready = [line for line in server["lines"] if "flow_upscaler ready" in line]
+    assert ready and "backend onnxruntime-cpu" in ready[0] and str(small_artifacts) in ready[0], server["lines"]
+
+
+@pytest.mark.parametrize("scale", [2, 4])
+def test_a_request_equals_the_upscaler_with_its_seeds(server, upscaler, scale):
+    x = _latents(2, 8, seed=scale)
+    got = _infer(server["client"], x, scale, seeds=[11, 2**63 - 1]).as_numpy("upscaled")
+    expected = upscaler.upscale(x, scale=scale, seed=[11, 2**63 - 1])
+    assert got.shape == (2, 32, 8 * scale, 8 * scale)
+    assert np.array_equal(got, expected)
+
+
+def test_concurrent_requests_are_batched_and_each_equals_its_solo_result(server, upscaler):
+    stats_url = f"http://127.0.0.1:{server['ports'].http}/v2/models/{MODEL_NAME}/stats"
+
+    def counts() -> tuple[int, int]:
+        with urllib.request.urlopen(stats_url, timeout=10) as response:
+            stats = json.load(response)["model_stats"][0]
+        return stats["inference_count"], stats["execution_count"]
+
+    before = counts()
+    latents = [_latents(1, 16, seed=100 + i) for i in range(8)]
+    seeds = [1000 + 7 * i for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        # one client per thread: tritonclient.http's client is bound to the thread that made it (gevent)
+        results = list(pool.map(lambda i: _infer(_client(server), latents[i], 2, [seeds[i]]), range(8)))
+    inferences, executions = (after - first for after, first in zip(counts(), before))
+    assert inferences == 8 and executions < 8, f"{inferences} latents ran in {executions} executions: nothing was batched"
+    for i, result in enumerate(results):
+        alone = upscaler.upscale(latents[i], scale=2, seed=seeds[i])
+        assert _rel_l2(result.as_numpy("upscaled"), alone) < 1e-5, i
+
+
+def test_decode_returns_rgb_images_of_the_upscaled_latents(server, upscaler):
+    x = _latents(1, 8, seed=5)
+    result = _infer(server["client"], x, 2, [9], decode=True, outputs=("upscaled", "image"))
+    image = result.as_numpy("image")
+    assert image.dtype == np.uint8 and image.shape == (1, 128, 128, 3)
+    decoded = upscaler.decode(upscaler.upscale(x, scale=2, seed=9))
+    expected = ((np.clip(decoded, -1, 1) + 1) * 127.5).round().astype(np.uint8).transpose(0, 2, 3, 1)
+    assert np.abs(image.astype(int) - expected.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("latents, scale, seeds, message", [
+    (np.full((1, 32, 8, 8), np.nan, np.float32), 2, [0], "NaN or Inf"),
+    (np.zeros((1, 32, 9, 8), np.float32), 2, [0], "multiples of 2"),
+    (np.zeros((1, 32, 8, 8), np.float32), 3, [0], "scale must be one of 2, 4, 8, got 3"),
+    (np.zeros((2, 32, 8, 8), np.float32), [2, 4], [0, 1], "same for every item"),
+    (np.zeros((1, 32, 200, 8), np.float32), 2, [0], "takes sides 8..32"),
+    (np.zeros((1, 32, 4, 4), np.float32), 2, [0], "takes sides 8..32"),
+    (np.zeros((1, 32, 32, 32), np.float32), 4, [0], "the second pass's input"),
+    (np.zeros((1, 32, 8, 8), np.float32), 2, [-1], "non-negative INT64"),
+    (np.zeros((1, 16, 8, 8), np.float32), 2, [0], "Expected [-1,32,-1,-1]"),
+    (np.zeros((5, 32, 8, 8), np.float32), 2, [0] * 5, "batch-size must be <= 4"),
+])
+def test_bad_input_gets_an_error_naming_it_and_the_server_stays_ready(server, latents, scale, seeds, message):
+    client = server["client"]
+    with pytest.raises(Exception) as refused:
+        _infer(client, latents, scale, seeds)
+    assert message in str(refused.value), str(refused.value)
+    assert client.is_server_ready() and client.is_model_ready(MODEL_NAME)
+    assert _infer(client, _latents(1, 8, seed=1)).as_numpy("upscaled").shape == (1, 32, 16, 16)
+
+
+def test_a_bad_request_batched_with_good_ones_fails_alone(upscaler):
+    """The per-request logic without Triton: a bad request in a batch gets its error, the others their result."""
+    good = [_latents(1, 8, seed=i) for i in range(2)]
+    requests = [
+        Request(good[0], np.array([[2]], np.int32), np.array([[3]], np.int64)),
+        Request(np.full((1, 32, 8, 8), np.inf, np.float32), np.array([[2]], np.int32), np.array([[3]], np.int64)),
+        Request(good[1], np.array([[2]], np.int32), np.array([[4]], np.int64)),
+    ]
+    answers = serve_batch(upscaler, requests)
+    assert isinstance(answers[1], Exception) and "NaN or Inf" in str(answers[1])
+    for answer, x, seed in ((answers[0], good[0], 3), (answers[2], good[1], 4)):
+        assert isinstance(answer, Result)
+        assert _rel_l2(answer.upscaled, upscaler.upscale(x, scale=2, seed=seed)) < 1e-5
+
+
+def test_written_repository_loads_in_the_bundled_server(small_artifacts, upscaler, tmp_path):
+    repository = tmp_path / "models"
+    done = subprocess.run(
+        [sys.executable, "-m", "runtime.serve", str(small_artifacts), "--backend", "onnxruntime", "--device", "cpu",
+         "--instances", "2", "--write-repository", str(repository), "--copy-artifacts"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    config = (repository / MODEL_NAME / "config.pbtxt").read_text()
+    assert "count: 2 kind: KIND_CPU" in config and "max_batch_size: 4" in config and "dynamic_batching" in config
+    assert (repository / MODEL_NAME / "1" / "artifacts" / "manifest.json").is_file()
+    assert sorted(p.name for p in repository.iterdir()) == [MODEL_NAME]  # no staging leftovers
+    x = _latents(1, 8, seed=3)
+    with TritonServer(repository, host="127.0.0.1", ports=_ports()) as triton:
+        triton.wait_ready(READY_S)
+        client = httpclient.InferenceServerClient(triton.url.removeprefix("http://"))
+        got = _infer(client, x, 4, [77]).as_numpy("upscaled")
+        client.close()  # Triton waits for open connections on SIGTERM, up to its exit timeout
+        process = triton.process
+    assert process.returncode == 0
+    assert np.array_equal(got, upscaler.upscale(x, scale=4, seed=77))
+
+
+def test_rewriting_a_repository_replaces_the_model_whole(small_artifacts, tmp_path):
+    repository = tmp_path / "models"
+    (repository / "other_model").mkdir(parents=True)
+    model = ServedModel(artifacts=small_artifacts, max_batch=2, python_path=this_python_path())
+    write_repository(repository, model)
+    (repository / MODEL_NAME / "1" / "stale.txt").write_text("from the previous write")
+    write_repository(repository, ServedModel(artifacts=small_artifacts, max_batch=3))
+    assert sorted(p.name for p in repository.iterdir()) == [MODEL_NAME, "other_model"]
+    assert not (repository / MODEL_NAME / "1" / "stale.txt").exists()
+    assert "max_batch_size: 3" in (repository / MODEL_NAME / "config.pbtxt").read_text()
+    with pytest.raises(ServeError.__mro__[1], match="inside the artifact folder"):
+        write_repository(small_artifacts / "repo", model)
+
+
+def _refused(*args: str, timeout_s: float = 60) -> str:
+    done = subprocess.run([sys.executable, "-m", "runtime.serve", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout_s, check=False)
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr, done.stderr
+    return done.stderr
+
+
+def test_refusals_before_the_server_starts(small_artifacts, tmp_path):
+    assert "batch up to 4" in _refused(str(small_artifacts), "--max-batch", "9")
+    assert "manifest" in _refused(str(tmp_path))
+    assert "goes with --write-repository" in _refused(str(small_artifacts), "--copy-artifacts")
+    with __import__("socket").socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert f"--http-port {port}" in _refused(str(small_artifacts), "--host", "127.0.0.1", "--http-port", str(port))
+
+
+def test_a_model_that_cannot_load_stops_the_command_with_the_reason(small_artifacts):
+    ports = _ports()
+    process = _serve(small_artifacts, ports, "--backend", "tensorrt", "--device", "cpu")
+    code, output = _stop_after_exit(process)
+    assert code == 1, output
+    assert "error: the Triton server stopped before it was ready" in output and "tensorrt" in output.lower(), output
+    assert "Traceback" not in output
+
+
+def _stop_after_exit(process: subprocess.Popen) -> tuple[int, str]:
+    try:
+        out, _ = process.communicate(timeout=READY_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, _ = process.communicate()
+    return process.returncode, out
+
+
+def test_sigint_stops_the_server_within_seconds(small_artifacts):
+    ports = _ports()
+    process = _serve(small_artifacts, ports, "--backend", "onnxruntime")
+    try:
+        _wait_line(process, "ready in", READY_S)
+        start = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        out, _ = process.communicate(timeout=30)
+        assert time.monotonic() - start < 15
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0 and "stopped (SIGINT)" in out, out
+    assert not _tritonservers_on(ports.http), "tritonserver left running"
+
+
+def _tritonservers_on(http_port: int) -> list[int]:
+    """Pids of tritonserver processes started with ``http_port``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            arguments = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if arguments and arguments[0].endswith(b"tritonserver") and str(http_port).encode() in arguments:
+            found.append(int(entry.name))
+    return found
+
+
+def test_no_server_outlives_a_killed_command(small_artifacts):
+    ports = _ports()
+    process = _serve(small_artifacts, ports, "--backend", "onnxruntime")
+    try:
+        _wait_line(process, "ready in", READY_S)
+        assert _tritonservers_on(ports.http)
+        process.kill()  # SIGKILL: no handler runs; the server gets SIGTERM as its parent dies
+        process.communicate(timeout=30)
+        deadline = time.monotonic() + 30
+        while _tritonservers_on(ports.http) and time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert not _tritonservers_on(ports.http), "tritonserver outlived the killed command"
