@@ -27,7 +27,7 @@ from runtime.serving.repository import (
     write_repository,
 )
 from runtime.serving.requests import Request, Result, serve_batch
-from runtime.serving.server import Ports, ServeError, TritonServer, free_port
+from runtime.serving.server import Ports, ServeError, TritonServer
 
 ROOT = Path(__file__).resolve().parents[1]
 READY_S = 120
@@ -35,7 +35,7 @@ QUEUE_DELAY_US = 300_000  # long enough that concurrent requests are batched tog
 
 
 def _ports() -> Ports:
-    return Ports(free_port(), free_port(), free_port())
+    return Ports.free()
 
 
 def _serve(folder: Path, ports: Ports, *extra: str) -> subprocess.Popen:
@@ -224,7 +224,7 @@ def test_written_repository_loads_in_the_bundled_server(small_artifacts, upscale
     x = _latents(1, 8, seed=3)
     with TritonServer(repository, host="127.0.0.1", ports=_ports()) as triton:
         triton.wait_ready(READY_S)
-        client = httpclient.InferenceServerClient(triton.url.removeprefix("http://"))
+        client = httpclient.InferenceServerClient(triton.address)
         got = _infer(client, x, 4, [77]).as_numpy("upscaled")
         client.close()  # Triton waits for open connections on SIGTERM, up to its exit timeout
         process = triton.process
@@ -255,7 +255,7 @@ def _refused(*args: str, timeout_s: float = 60) -> str:
 
 
 def test_refusals_before_the_server_starts(small_artifacts, tmp_path):
-    assert "batch up to 4" in _refused(str(small_artifacts), "--max-batch", "9")
+    assert "(batch 1..4)" in _refused(str(small_artifacts), "--max-batch", "9")
     assert "manifest" in _refused(str(tmp_path))
     assert "goes with --write-repository" in _refused(str(small_artifacts), "--copy-artifacts")
     with __import__("socket").socket() as taken:
@@ -327,3 +327,25 @@ def test_no_server_outlives_a_killed_command(small_artifacts):
         if process.poll() is None:
             process.kill()
     assert not _tritonservers_on(ports.http), "tritonserver outlived the killed command"
+
+
+def test_grpc_gives_the_same_result_and_errors(server, upscaler):
+    grpcclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient's gRPC client (serve extra)")
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{server['ports'].grpc}")
+    x = _latents(1, 8, seed=21)
+
+    def inputs(scale: int) -> list:
+        made = []
+        for name, array, dtype in (("latents", x, "FP32"), ("scale", np.array([[scale]], np.int32), "INT32"),
+                                   ("seed", np.array([[5]], np.int64), "INT64")):
+            tensor = grpcclient.InferInput(name, list(array.shape), dtype)
+            tensor.set_data_from_numpy(array)
+            made.append(tensor)
+        return made
+
+    got = client.infer(MODEL_NAME, inputs(2)).as_numpy("upscaled")
+    assert np.array_equal(got, upscaler.upscale(x, scale=2, seed=5))
+    with pytest.raises(Exception, match="scale must be one of 2, 4, 8, got 16") as refused:
+        client.infer(MODEL_NAME, inputs(16))
+    assert "INVALID_ARGUMENT" in str(refused.value.status())
+    client.close()

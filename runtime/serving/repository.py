@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engines.errors import FlowUpscalerError
+from engines.manifest import load_manifest
 
 from ..latents import LATENT_CHANNELS
+from ..upscaler import MAIN_INPUTS, PIPELINE, InvalidArgumentError
 from .requests import DECODE, IMAGE, LATENTS, SCALE, SEED, UPSCALED
 
 MODEL_NAME = "flow_upscaler"
@@ -43,8 +45,48 @@ class ServedModel:
     gpu: bool = False  # instance group KIND_GPU (one Upscaler per instance on its GPU), else KIND_CPU
     instances: int = 1  # per GPU with gpu, else in all
     max_batch: int = 1  # Triton's max_batch_size: items per batch, summed over the requests batched
-    max_queue_delay_us: int = 2000  # how long the dynamic batcher waits to fill a batch
+    max_queue_delay_us: int = 0  # how long the dynamic batcher waits to fill a batch
     python_path: list[str] = field(default_factory=list)  # import paths the Python backend adds first
+
+    @classmethod
+    def for_folder(
+        cls,
+        artifacts: Path,
+        backend: str = "auto",
+        device: str = "auto",
+        noise: str = "auto",
+        instances: int = 1,
+        max_batch: int | None = None,
+        max_queue_delay_us: int = 0,
+    ) -> ServedModel:
+        """The model serving ``artifacts`` from this machine's install, checked against the folder:
+        ``max_batch`` defaults to (and may not exceed) its largest batch; ``device`` auto is cuda
+        when this machine has one."""
+        limit = folder_max_batch(artifacts)
+        if max_batch is not None and not 1 <= max_batch <= limit:
+            raise InvalidArgumentError(
+                f"--max-batch {max_batch} is outside what {artifacts} was built for (batch 1..{limit}); "
+                f"pass --max-batch 1..{limit} or rebuild the folder with a larger --max-batch"
+            )
+        if device not in ("auto", "cpu", "cuda"):
+            raise InvalidArgumentError(f"device must be auto, cpu or cuda (Triton places GPU instances), got {device!r}")
+        if device == "auto":
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        return cls(
+            artifacts=Path(artifacts).resolve(), backend=backend, noise=noise, gpu=device == "cuda", instances=instances,
+            max_batch=max_batch or limit, max_queue_delay_us=max_queue_delay_us, python_path=this_python_path(),
+        )
+
+
+def folder_max_batch(artifacts: Path) -> int:
+    """The largest batch the folder's pass components take (checks the folder on the way)."""
+    manifest = load_manifest(artifacts)
+    missing = [c for c in PIPELINE if c not in manifest.components]
+    if missing:
+        raise InvalidArgumentError(f"{artifacts} lacks {', '.join(missing)}; rebuild with: {manifest.rebuild_command}")
+    return min(max(p.max[MAIN_INPUTS[c]][0] for p in manifest.components[c].profiles) for c in PIPELINE)
 
 
 def this_python_path() -> list[str]:

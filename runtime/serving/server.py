@@ -52,6 +52,16 @@ class Ports:
     grpc: int = 8001
     metrics: int = 8002
 
+    @classmethod
+    def free(cls, host: str = "127.0.0.1") -> Ports:
+        """Three distinct ports nothing listens on now (for tests and benchmarks)."""
+        found: list[int] = []
+        while len(found) < 3:
+            port = free_port(host)
+            if port not in found:
+                found.append(port)
+        return cls(*found)
+
     def named(self) -> dict[str, int]:
         return {"--http-port": self.http, "--grpc-port": self.grpc, "--metrics-port": self.metrics}
 
@@ -170,9 +180,14 @@ class TritonServer:
         self._reader: threading.Thread | None = None
 
     @property
-    def url(self) -> str:
+    def address(self) -> str:
+        """host:port of the HTTP endpoint, as tritonclient takes it."""
         host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
-        return f"http://{host}:{self.ports.http}"
+        return f"{host}:{self.ports.http}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
 
     def command(self, backends: Path) -> list[str]:
         return [
@@ -192,6 +207,7 @@ class TritonServer:
         self._workspace = Path(tempfile.mkdtemp(prefix="flow-upscaler-triton-"))
         command = self.command(self._bundle.backend_directory(self._workspace))
         logger.info("starting %s", " ".join(command))
+        self._started = time.monotonic()
         self.process = subprocess.Popen(
             command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True, errors="replace", preexec_fn=_parent_death_signal(),  # noqa: PLW1509 - one syscall
@@ -217,14 +233,15 @@ class TritonServer:
             return False
 
     def wait_ready(self, timeout_s: float) -> float:
-        """Seconds until ready; raises ``ServeError`` with the model's load error if the server exits."""
-        start = time.monotonic()
-        while time.monotonic() - start < timeout_s:
+        """Seconds from ``start`` to ready; raises ``ServeError`` with the model's load error if the
+        server exits, or after ``timeout_s`` from now."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 self._reader.join(timeout=5)
                 raise ServeError(f"the Triton server stopped before it was ready: {self.failure()}")
             if self.is_ready():
-                return time.monotonic() - start
+                return time.monotonic() - self._started
             time.sleep(0.2)
         raise ServeError(f"the Triton server was not ready after {timeout_s:.0f} s (model load or warm-up too slow?); "
                          f"raise --ready-timeout. Last log lines: {' | '.join(self.log_tail()[-5:])}")
