@@ -93,8 +93,8 @@ def served_model(args: argparse.Namespace) -> ServedModel:
     )
 
 
-class _StopRequested(Exception):
-    pass
+class _StopRequested(KeyboardInterrupt):
+    """SIGTERM or SIGINT, raised in the main thread wherever it waits, so the server is stopped once."""
 
 
 def _raise_stop(signum: int, frame: object) -> None:

@@ -82,8 +82,9 @@ def server(small_artifacts):
                      "--max-queue-delay-us", str(QUEUE_DELAY_US))
     try:
         lines = _wait_line(process, "ready in", READY_S)
-        yield {"ports": ports, "lines": lines, "process": process,
-               "client": httpclient.InferenceServerClient(f"127.0.0.1:{ports.http}")}
+        client = httpclient.InferenceServerClient(f"127.0.0.1:{ports.http}")
+        yield {"ports": ports, "lines": lines, "process": process, "client": client}
+        client.close()  # an open connection would hold Triton's shutdown for its whole exit timeout
     finally:
         code, rest = _stop(process)
     assert code == 0, rest
@@ -96,8 +97,13 @@ def upscaler(small_artifacts):
         yield loaded
 
 
-def _client(server: dict):
-    return httpclient.InferenceServerClient(f"127.0.0.1:{server['ports'].http}")
+def _infer_once(server: dict, *args):
+    """One request on a client of its own, closed after it (a client is bound to its thread)."""
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{server['ports'].http}")
+    try:
+        return _infer(client, *args)
+    finally:
+        client.close()
 
 
 def _inputs(latents: np.ndarray, scale: int | list[int], seeds: list[int], decode: bool | None = None) -> list:
@@ -155,7 +161,7 @@ def test_concurrent_requests_are_batched_and_each_equals_its_solo_result(server,
     seeds = [1000 + 7 * i for i in range(8)]
     with ThreadPoolExecutor(8) as pool:
         # one client per thread: tritonclient.http's client is bound to the thread that made it (gevent)
-        results = list(pool.map(lambda i: _infer(_client(server), latents[i], 2, [seeds[i]]), range(8)))
+        results = list(pool.map(lambda i: _infer_once(server, latents[i], 2, [seeds[i]]), range(8)))
     inferences, executions = (after - first for after, first in zip(counts(), before))
     assert inferences == 8 and executions < 8, f"{inferences} latents ran in {executions} executions: nothing was batched"
     for i, result in enumerate(results):
