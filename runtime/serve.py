@@ -11,9 +11,10 @@ the command exits 0.
 from __future__ import annotations
 
 import argparse
+import re
+import shutil
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from .serving.repository import (
     ServedModel,
     write_repository,
 )
-from .serving.server import EXIT_TIMEOUT_S, Ports, ServeError, TritonServer
+from .serving.server import EXIT_TIMEOUT_S, Ports, ServeError, TritonServer, scratch_dir
 from .upscaler import BACKENDS, InvalidArgumentError
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -103,37 +104,56 @@ def _raise_stop(signum: int, frame: object) -> None:
 
 def serve(model: ServedModel, host: str, ports: Ports, ready_timeout: float, exit_timeout: int, verbose: bool) -> int:
     """Serve until SIGTERM/SIGINT (exit 0) or until the server fails (``ServeError``)."""
-    previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    signals = (signal.SIGTERM, signal.SIGINT)
+    previous = {number: signal.signal(number, _raise_stop) for number in signals}
     kind = "GPU" if model.gpu else "CPU"
     print(f"{MODEL_NAME}: serving {model.artifacts} with backend {model.backend} on {kind} ({model.instances} "
           f"instance(s), max batch {model.max_batch}); starting Triton...", flush=True)
-
-    def echo(line: str) -> None:
-        if verbose or f"{MODEL_NAME} ready" in line or f"{MODEL_NAME}:" in line:
-            print(f"triton: {line}", flush=True)
-
-    with tempfile.TemporaryDirectory(prefix="flow-upscaler-repository-") as scratch:
-        server = TritonServer(write_repository(Path(scratch), model).parent, host, ports, echo=echo,
-                              exit_timeout_s=exit_timeout)
-        stopped_by = None
+    scratch = scratch_dir("repository")
+    server = TritonServer(write_repository(scratch, model).parent, host, ports, echo=_Echo(verbose),
+                          exit_timeout_s=exit_timeout)
+    stopped_by = None
+    try:
+        server.start()
+        seconds = server.wait_ready(ready_timeout)
+        print(f"ready in {seconds:.1f} s: HTTP {server.url}/v2/models/{MODEL_NAME}, gRPC {host}:{ports.grpc}, "
+              f"metrics http://{host}:{ports.metrics}/metrics (SIGTERM or Ctrl-C stops)", flush=True)
+        while server.process.poll() is None:
+            time.sleep(0.5)
+        raise ServeError(f"the Triton server exited unexpectedly (code {server.process.returncode}): {server.failure()}")
+    except _StopRequested as stop:
+        stopped_by = str(stop)
+        print(f"stopping ({stopped_by}): Triton finishes in-flight requests, up to {exit_timeout} s "
+              "(a second signal kills it now)...", flush=True)
+    finally:
+        for number in signals:  # a second signal while stopping: kill now, still clean up
+            signal.signal(number, lambda *_: server.kill())
+        start = time.monotonic()
         try:
-            server.start()
-            seconds = server.wait_ready(ready_timeout)
-            print(f"ready in {seconds:.1f} s: HTTP {server.url}/v2/models/{MODEL_NAME}, gRPC {host}:{ports.grpc}, "
-                  f"metrics http://{host}:{ports.metrics}/metrics (SIGTERM or Ctrl-C stops)", flush=True)
-            while server.process.poll() is None:
-                time.sleep(0.5)
-            raise ServeError(f"the Triton server exited unexpectedly (code {server.process.returncode}): {server.failure()}")
-        except _StopRequested as stop:
-            stopped_by = str(stop)
-        finally:
-            start = time.monotonic()
             code = server.stop()
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
             for number, handler in previous.items():
                 signal.signal(number, handler)
-        note = " (its exit timeout expired: clients kept connections open or requests ran long)" if code else ""
-        print(f"stopped ({stopped_by}) in {time.monotonic() - start:.1f} s, Triton exit code {code}{note}", flush=True)
+    note = " (its exit timeout expired: clients kept connections open or requests ran long)" if code == 1 else ""
+    print(f"stopped in {time.monotonic() - start:.1f} s, Triton exit code {code}{note}", flush=True)
     return 0
+
+
+class _Echo:
+    """What of Triton's log the command prints: this model's lines (with their continuation lines,
+    a traceback's), or everything with --verbose."""
+
+    LOG_PREFIX = re.compile(r"^[IWEF]\d{4} ")  # Triton's line header: level, month, day
+
+    def __init__(self, verbose: bool):
+        self.verbose, self.printing = verbose, False
+
+    def __call__(self, line: str) -> None:
+        if self.LOG_PREFIX.match(line):
+            self.printing = f"{MODEL_NAME} ready" in line or f"{MODEL_NAME}:" in line
+        if self.verbose or self.printing:
+            print(f"triton: {line}", flush=True)
 
 
 def serve_command(argv: list[str] | None = None) -> int:

@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -27,7 +29,7 @@ from runtime.serving.repository import (
     write_repository,
 )
 from runtime.serving.requests import Request, Result, serve_batch
-from runtime.serving.server import Ports, ServeError, TritonServer
+from runtime.serving.server import Ports, ServeError, TritonServer, scratch_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 READY_S = 120
@@ -88,7 +90,7 @@ def server(small_artifacts):
     finally:
         code, rest = _stop(process)
     assert code == 0, rest
-    assert "stopped (SIGTERM)" in rest, rest
+    assert "stopping (SIGTERM)" in rest and "stopped in" in rest, rest
 
 
 @pytest.fixture(scope="module")
@@ -301,7 +303,7 @@ def test_sigint_stops_the_server_within_seconds(small_artifacts):
     finally:
         if process.poll() is None:
             process.kill()
-    assert process.returncode == 0 and "stopped (SIGINT)" in out, out
+    assert process.returncode == 0 and "stopping (SIGINT)" in out, out
     assert not _tritonservers_on(ports.http), "tritonserver left running"
 
 
@@ -333,6 +335,10 @@ def test_no_server_outlives_a_killed_command(small_artifacts):
         if process.poll() is None:
             process.kill()
     assert not _tritonservers_on(ports.http), "tritonserver outlived the killed command"
+    left = sorted(Path(tempfile.gettempdir()).glob(f"flow-upscaler-*-{process.pid}-*"))
+    assert len(left) == 2, left  # the killed command's repository and server workspace...
+    shutil.rmtree(scratch_dir("test"))
+    assert not [path for path in left if path.exists()]  # ...deleted by the next run
 
 
 def test_grpc_gives_the_same_result_and_errors(server, upscaler):

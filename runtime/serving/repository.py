@@ -178,8 +178,14 @@ def write_repository(repository: Path, model: ServedModel, copy_artifacts: bool 
     artifacts = Path(model.artifacts).resolve()
     if repository.resolve() == artifacts or artifacts in repository.resolve().parents:
         raise RepositoryError(f"--write-repository {repository} is inside the artifact folder {artifacts}; give a folder outside it")
-    repository.mkdir(parents=True, exist_ok=True)
     target = repository / MODEL_NAME
+    if not copy_artifacts and (artifacts == target.resolve() or target.resolve() in artifacts.parents):
+        raise RepositoryError(
+            f"the artifact folder {artifacts} is inside {target}, which this write replaces; pass "
+            "--copy-artifacts (the folder is copied first) or write the repository elsewhere"
+        )
+    _require_ascii(repository, model, copy_artifacts)
+    repository.mkdir(parents=True, exist_ok=True)
     _recover(repository, target)
     staging = Path(tempfile.mkdtemp(prefix=f".{MODEL_NAME}.", dir=repository))
     try:
@@ -202,6 +208,21 @@ def write_repository(repository: Path, model: ServedModel, copy_artifacts: bool 
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def _require_ascii(repository: Path, model: ServedModel, copy_artifacts: bool) -> None:
+    """Triton's Python backend runs its model with an ASCII file-system encoding, whatever the
+    locale: a path with other characters is not found there (measured with Triton 2.51)."""
+    paths = {"the repository": [str(repository.resolve())], "the import path": model.python_path}
+    if not copy_artifacts:
+        paths["the artifact folder"] = [str(model.artifacts)]
+    for what, values in paths.items():
+        for value in values:
+            if not value.isascii():
+                raise RepositoryError(
+                    f"{what} {value} has non-ASCII characters, which Triton's Python backend cannot open; "
+                    "use a path of ASCII characters" + (" (or --copy-artifacts)" if what == "the artifact folder" else "")
+                )
 
 
 def _recover(repository: Path, target: Path) -> None:

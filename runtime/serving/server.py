@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import errno
 import logging
 import os
 import shutil
@@ -46,6 +47,29 @@ class ServeError(FlowUpscalerError, RuntimeError):
     """The server cannot start here, or its model did not load."""
 
 
+SCRATCH_PREFIX = "flow-upscaler-"
+
+
+def scratch_dir(kind: str) -> Path:
+    """A temporary folder that names this process, so that if it is killed (no cleanup runs) the
+    next run deletes the folder."""
+    _sweep_orphaned_scratch()
+    return Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{kind}-{os.getpid()}-"))
+
+
+def _sweep_orphaned_scratch() -> None:
+    for path in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*-*-*"):
+        parts = path.name[len(SCRATCH_PREFIX):].split("-")
+        if len(parts) < 3 or not parts[1].isdigit():
+            continue
+        try:
+            os.kill(int(parts[1]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
+
+
 @dataclass(frozen=True)
 class Ports:
     http: int = 8000
@@ -67,17 +91,24 @@ class Ports:
 
 
 def check_ports_free(host: str, ports: Ports) -> None:
-    """Refuse ports another process holds, by name, before the server is started."""
+    """Refuse an unknown host or ports another process holds, by name, before the server is started."""
     values = list(ports.named().values())
     if len(set(values)) != len(values):
         raise ServeError(f"the HTTP, gRPC and metrics ports must differ, got {ports.named()}")
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise ServeError(f"--host {host} is not an address of this machine ({exc.strerror}); "
+                         "give 0.0.0.0 (all), 127.0.0.1 (this machine only) or one of its addresses") from None
     for flag, port in ports.named().items():
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                probe.bind((host, port))
+                probe.bind((address[0], port, *address[2:]))
             except OSError as exc:
-                raise ServeError(f"{flag} {port} on {host} is not available ({exc.strerror}); pick another with {flag}") from None
+                if exc.errno == errno.EADDRINUSE:
+                    raise ServeError(f"{flag} {port} on {host} is in use; pick another with {flag}") from None
+                raise ServeError(f"cannot listen on {host} port {port} ({exc.strerror}); check --host and {flag}") from None
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -204,13 +235,14 @@ class TritonServer:
         check_ports_free(self.host, self.ports)
         self._bundle = BundledTriton.find()
         env = self._bundle.environment()
-        self._workspace = Path(tempfile.mkdtemp(prefix="flow-upscaler-triton-"))
+        self._workspace = scratch_dir("triton")
         command = self.command(self._bundle.backend_directory(self._workspace))
         logger.info("starting %s", " ".join(command))
         self._started = time.monotonic()
         self.process = subprocess.Popen(
             command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True, errors="replace", preexec_fn=_parent_death_signal(),  # noqa: PLW1509 - one syscall
+            start_new_session=True,  # its model processes share its group: stop() reaps what it leaves
         )
         self._reader = threading.Thread(target=self._read_log, name="triton-log", daemon=True)
         self._reader.start()
@@ -257,26 +289,35 @@ class TritonServer:
         return " | ".join((errors or self.log_tail())[-3:]) or f"exit code {self.process.returncode}"
 
     def stop(self) -> int | None:
-        """SIGTERM, then SIGKILL if Triton is still there 10 s after its exit timeout; removes the
-        workspace. Returns Triton's exit code (1 when its exit timeout expired)."""
+        """SIGTERM, then SIGKILL if Triton is still there 10 s after its exit timeout; then kills what
+        it left behind and removes the workspace. Returns Triton's exit code (1 when its exit
+        timeout expired; negative for a signal)."""
         timeout_s = self.exit_timeout_s + 10
         code = None
-        if self.process is not None:
-            if self.process.poll() is None:
-                self.process.send_signal(signal.SIGTERM)
-                try:
-                    self.process.wait(timeout=timeout_s)
-                except subprocess.TimeoutExpired:
-                    logger.warning("Triton did not stop within %.0f s of SIGTERM; killing it", timeout_s)
-                    self.process.kill()
-                    self.process.wait()
-            code = self.process.returncode
-            if self._reader is not None:
-                self._reader.join(timeout=5)
-        if self._workspace is not None:
-            shutil.rmtree(self._workspace, ignore_errors=True)
-            self._workspace = None
+        try:
+            if self.process is not None:
+                if self.process.poll() is None:
+                    self.process.send_signal(signal.SIGTERM)
+                    try:
+                        self.process.wait(timeout=timeout_s)
+                    except subprocess.TimeoutExpired:
+                        logger.warning("Triton did not stop within %.0f s of SIGTERM; killing it", timeout_s)
+                        self.kill()
+                        self.process.wait()
+                code = self.process.returncode
+                _reap_group(self.process.pid)
+                if self._reader is not None:
+                    self._reader.join(timeout=5)
+        finally:
+            if self._workspace is not None:
+                shutil.rmtree(self._workspace, ignore_errors=True)
+                self._workspace = None
         return code
+
+    def kill(self) -> None:
+        """SIGKILL the server now (``stop`` still reaps its model processes and workspace)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
 
     def __enter__(self) -> TritonServer:
         self.start()
@@ -284,3 +325,37 @@ class TritonServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _reap_group(group: int) -> None:
+    """Kill the processes left in the server's process group after it exited (the Python backend's
+    model processes of a server that was killed or timed out: they would hold memory, a GPU, and
+    their shared memory regions, forever) and unlink those regions. Processes still finishing a
+    normal exit get two seconds first."""
+    deadline = time.monotonic() + 2
+    while _group_members(group) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid, arguments in _group_members(group).items():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
+        logger.warning("killed a model process Triton left behind (pid %d)", pid)
+        for argument in arguments:
+            if argument.startswith(b"triton_python_backend_shm_region"):
+                Path("/dev/shm", argument.decode(errors="replace")).unlink(missing_ok=True)
+
+
+def _group_members(group: int) -> dict[int, list[bytes]]:
+    """pid -> command line of the processes in process group ``group`` (Linux /proc)."""
+    members = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            if int(stat[stat.rindex(")") + 2:].split()[2]) == group:  # fields after the name: state, ppid, pgrp
+                members[int(entry.name)] = (entry / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+    return members
