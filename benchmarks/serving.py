@@ -44,11 +44,10 @@ from runtime.serving.repository import (
 )
 from runtime.serving.requests import LATENTS, SCALE, SEED, UPSCALED
 from runtime.serving.server import Ports, TritonServer
-from runtime.upscaler import BACKENDS, pass_inputs
+from runtime.upscaler import BACKENDS, PIXELS_PER_LATENT, pass_inputs
 
 from .latency import machine_facts, write_report
 
-PIXELS_PER_LATENT = 8
 LATENT_GRID = 2  # the runtime takes latent sides that are multiples of 2 (16 px)
 ERROR_SAMPLES = 5  # distinct error messages kept per row
 

@@ -164,6 +164,9 @@ def test_concurrent_requests_are_batched_and_each_equals_its_solo_result(server,
     with ThreadPoolExecutor(8) as pool:
         # one client per thread: tritonclient.http's client is bound to the thread that made it (gevent)
         results = list(pool.map(lambda i: _infer_once(server, latents[i], 2, [seeds[i]]), range(8)))
+    deadline = time.monotonic() + 10  # Triton updates its statistics after the responses are sent
+    while (counts()[0] - before[0]) < 8 and time.monotonic() < deadline:
+        time.sleep(0.1)
     inferences, executions = (after - first for after, first in zip(counts(), before))
     assert inferences == 8 and executions < 8, f"{inferences} latents ran in {executions} executions: nothing was batched"
     for i, result in enumerate(results):
