@@ -110,8 +110,12 @@ def serve(model: ServedModel, host: str, ports: Ports, ready_timeout: float, exi
     print(f"{MODEL_NAME}: serving {model.artifacts} with backend {model.backend} on {kind} ({model.instances} "
           f"instance(s), max batch {model.max_batch}); starting Triton...", flush=True)
     scratch = scratch_dir("repository")
-    server = TritonServer(write_repository(scratch, model).parent, host, ports, echo=_Echo(verbose),
-                          exit_timeout_s=exit_timeout)
+    try:
+        repository = write_repository(scratch, model).parent
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    server = TritonServer(repository, host, ports, echo=_Echo(verbose), exit_timeout_s=exit_timeout)
     stopped_by = None
     try:
         server.start()

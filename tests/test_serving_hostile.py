@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -276,6 +277,7 @@ def test_a_folder_with_a_non_ascii_path_is_served_or_refused_clearly(small_artif
         assert process.returncode == 1, text
         assert "no manifest.json" not in text, f"a folder that has manifest.json is refused as lacking it:\n{text}"
         assert "ascii" in text.lower(), text
+        assert not list(Path(tempfile.gettempdir()).glob(f"flow-upscaler-*-{process.pid}-*")), "a refusal left temp folders"
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
