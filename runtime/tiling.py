@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 
@@ -70,3 +71,9 @@ def decode_tiled(
             image[:, :, rows_px, cols_px] += piece * ramp
             weights[:, :, rows_px, cols_px] += ramp
     return image.div_(weights)  # in place: a second full-size image would double the decode's peak
+
+
+def rgb8(images: torch.Tensor) -> np.ndarray:
+    """Decoded images [B, 3, H, W] in about [-1, 1] -> [B, H, W, 3] uint8 RGB (PNG files, image clients)."""
+    pixels = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()

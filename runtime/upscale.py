@@ -22,9 +22,15 @@ from engines.cli import run_cli
 from engines.files import OutputPathError, atomic_output, check_output_file
 
 from .latents import read_latents
-# Exceptions raised here are defined in other modules: run as ``python -m``, this module is
-# ``__main__``, and engines.cli.run_cli tells the project's exceptions by their module.
-from .upscaler import BACKENDS, LATENT_FORMATS, SEED_MAX, Upscaler, check_seed, resolve_device
+from .tiling import rgb8
+from .upscaler import (
+    BACKENDS,
+    LATENT_FORMATS,
+    SEED_MAX,
+    Upscaler,
+    check_seed,
+    resolve_device,
+)
 
 IMAGE_SUFFIX = ".png"
 
@@ -64,12 +70,6 @@ def _check_distinct(paths: dict[str, Path]) -> None:
         seen[resolved] = what
 
 
-def _png_arrays(images: torch.Tensor) -> np.ndarray:
-    """Images [B, 3, H, W] in about [-1, 1] -> [B, H, W, 3] uint8."""
-    pixels = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return pixels.permute(0, 2, 3, 1).cpu().numpy()
-
-
 def write_outputs(output: Path, latents: torch.Tensor, png_paths: list[Path] | None = None,
                   images: torch.Tensor | None = None) -> list[Path]:
     """Write the latents (and the PNGs) together: every file goes to a temporary name first and is
@@ -82,7 +82,7 @@ def write_outputs(output: Path, latents: torch.Tensor, png_paths: list[Path] | N
         partial = stack.enter_context(atomic_output(output))
         save_file({"latents": latents.detach().cpu().contiguous()}, str(partial))
         if images is not None:
-            arrays = _png_arrays(images)
+            arrays = rgb8(images)
             for target, array in zip(png_paths, arrays):
                 partial = stack.enter_context(atomic_output(target))
                 Image.fromarray(np.ascontiguousarray(array)).save(partial, format="PNG")

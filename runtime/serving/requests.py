@@ -17,6 +17,7 @@ import torch
 from engines.errors import FlowUpscalerError
 
 from ..latents import LATENT_CHANNELS
+from ..tiling import rgb8
 from ..upscaler import SCALES, InvalidArgumentError, Upscaler, check_seed
 
 logger = logging.getLogger(__name__)
@@ -95,19 +96,14 @@ def _run(upscaler: Upscaler, members: list[_Checked]) -> list[Result]:
     x = torch.cat([m.latents for m in members]) if len(members) > 1 else first.latents
     seeds = [s for m in members for s in m.seeds]
     out = upscaler.upscale(x, scale=first.scale, seed=seeds)
-    images = _rgb(upscaler.decode(out)) if first.decode else None
+    images = rgb8(upscaler.decode(out)) if first.decode else None
+    upscaled = out.cpu().numpy()  # one copy to the host for the whole group
     results, start = [], 0
     for m in members:
         end = start + m.latents.shape[0]
-        results.append(Result(out[start:end].cpu().numpy(), None if images is None else images[start:end]))
+        results.append(Result(upscaled[start:end], None if images is None else images[start:end]))
         start = end
     return results
-
-
-def _rgb(images: torch.Tensor) -> np.ndarray:
-    """Decoded images [B, 3, H, W] in about [-1, 1] -> [B, H, W, 3] uint8, what an image client shows."""
-    pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
 def serve_batch(upscaler: Upscaler, requests: list[Request]) -> list[Result | FlowUpscalerError]:
