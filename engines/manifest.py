@@ -131,6 +131,36 @@ class ComponentRecord:
 
 
 @dataclass
+class CheckSetRecord:
+    """The check set (``export.pipeline.checkset``): inputs and fp32 eager outputs, stored at build
+    time so that engines that never ran can be checked where they run (``runtime.check``).
+
+    ``components``: per component, its precision, the shape of every stored input and expected
+    output, and per output the limits ``{"rel_l2": ..., "max_abs": ...}``. ``whole_pass``: one 2x
+    pass (its ``latents_small`` shape, precision, seed and limits), empty without both pass
+    components. The limits are absolute numbers: the runtime compares, it derives nothing.
+    """
+
+    file: str
+    sha256: str
+    key: str
+    components: dict[str, dict] = field(default_factory=dict)
+    whole_pass: dict = field(default_factory=dict)
+    facts: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"file": self.file, "sha256": self.sha256, "key": self.key, "components": self.components,
+                "pass": self.whole_pass, **self.facts}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CheckSetRecord:
+        known = {"file", "sha256", "key", "components", "pass"}
+        return cls(file=data["file"], sha256=data["sha256"], key=data["key"],
+                   components=dict(data.get("components", {})), whole_pass=dict(data.get("pass", {})),
+                   facts={k: v for k, v in data.items() if k not in known})
+
+
+@dataclass
 class Manifest:
     target: dict
     weights: dict
@@ -139,6 +169,7 @@ class Manifest:
     rebuild_command: str
     components: dict[str, ComponentRecord]
     created: str = ""
+    check_set: CheckSetRecord | None = None  # absent in folders built before check sets
 
     def to_dict(self) -> dict:
         return {
@@ -151,6 +182,7 @@ class Manifest:
             "toolkit": self.toolkit,
             "build_options": self.build_options,
             "components": {name: c.to_dict() for name, c in self.components.items()},
+            **({"check_set": self.check_set.to_dict()} if self.check_set is not None else {}),
         }
 
     @classmethod
@@ -163,6 +195,7 @@ class Manifest:
             rebuild_command=data["rebuild_command"],
             components={n: ComponentRecord.from_dict(n, c) for n, c in data["components"].items()},
             created=data.get("created", ""),
+            check_set=CheckSetRecord.from_dict(data["check_set"]) if data.get("check_set") is not None else None,
         )
 
     def write(self, folder: Path) -> Path:
@@ -203,6 +236,14 @@ def _shape_problem(data: object) -> str | None:
         return problem
     if not data["components"]:
         return "names no components"
+    if data.get("check_set") is not None:
+        check_set = data["check_set"]
+        if problem := expect(check_set, dict, "check_set", "an object"):
+            return problem
+        spec = {"file": (str, "a string"), "sha256": (str, "a string"), "key": (str, "a string"),
+                "components": (dict, "an object"), "pass": (dict, "an object")}
+        if problem := fields(check_set, "check_set.", spec):
+            return problem
     for name, component in data["components"].items():
         where = f"components.{name}."
         if problem := expect(component, dict, where[:-1], "an object"):

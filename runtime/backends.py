@@ -65,6 +65,14 @@ class Backend(ABC):
     def close(self) -> None:
         """Free what the backend holds; it cannot run afterwards."""
 
+    def verification_identity(self) -> dict | None:
+        """What makes this backend's results on this machine its own (engine hashes, GPU, driver,
+        runtime version), for backends whose engines were built where they could not run: the
+        runtime checks them on first use against the folder's check set and caches the verdict under
+        a hash of this (``runtime.checkset``). None: nothing to check (graphs and eager models run
+        as built and validated)."""
+        return None
+
 
 class OwnStream:
     """A backend's CUDA stream, ordered against the caller's current stream with events.

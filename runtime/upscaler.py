@@ -250,7 +250,9 @@ class Upscaler:
     ) -> Upscaler:
         """Open ``artifact_dir`` (checked against its manifest) with ``backend`` on ``device``.
 
-        ``auto`` takes the first that opens of tensorrt, onnxruntime (CUDA, or CPU) and torch;
+        ``auto`` takes the first that opens of tensorrt, onnxruntime (CUDA, or CPU) and torch
+        (engines built where they could not run must first pass the folder's check set here:
+        ``runtime.checkset.verify_first_use``);
         ``skipped_backends`` says why the ones before it did not, and each skip is logged as a
         warning on this module's logger. ``device``: ``cpu``, ``cuda`` or ``cuda:N`` (see
         ``resolve_device``). ``noise``: ``cpu`` (the cross-backend convention), ``device`` (drawn
@@ -283,9 +285,13 @@ class Upscaler:
             precision = folder_float_precision(manifest)
         torch_options = {"precision": precision or "fp32", "compile_mode": compile_mode}
         skipped = {}
+        from .checkset import verify_first_use  # imports this module: loaded when first needed
+
         for kind in order:
             try:
-                return cls(folder, manifest, _open_backend(kind, folder, device, torch_options), skipped, noise)
+                opened = _open_backend(kind, folder, device, torch_options)
+                verify_first_use(opened, folder, manifest)  # engines that never ran here: checked once
+                return cls(folder, manifest, opened, skipped, noise)
             except BackendUnavailable as exc:
                 if backend != "auto":
                     raise

@@ -73,7 +73,7 @@ def test_onnx_only_build_writes_verified_manifest_and_report(built):
     assert set(manifest.weights) == {"unet", "vae"} and "source" not in manifest.weights["unet"]
     assert manifest.weights["unet"]["config"]["base_channels"] == 32 and len(manifest.weights["vae"]["sha256"]) == 64
     report = json.loads((out / "report.json").read_text())
-    assert {s["stage"] for s in report["stages"]} == {"onnx", "profiles", "accuracy"}
+    assert {s["stage"] for s in report["stages"]} == {"onnx", "profiles", "accuracy", "check set"}
     assert not list(out.rglob("*.partial")) and not list(out.rglob(".staging*"))
 
 

@@ -11,6 +11,7 @@ from engines.manifest import ComponentRecord, EngineRecord, Manifest
 from engines.profiles import Profile
 from export.onnx.components import COMPONENTS, Models
 
+from .checkset import MakeCheckSet
 from .engine import BuildEngine, EngineHost
 from .errors import BuildError
 from .folder import ArtifactFolder
@@ -65,10 +66,12 @@ def build_artifacts(models: Models, settings: BuildSettings, out: Path,
                 graph.file, graph.sha256, profiles)
             records[name] = _record(name, precision, graph, profiles, estimates, engine)
         accuracy = GatePass(models, settings, folder, progress)(records, quantized.accuracy if quantized else None)
+        check_set = MakeCheckSet(models, settings, digests, folder, progress)(records)
     except BaseException:  # Ctrl-C included: the folder stays as its manifest says
         folder.clean_leftovers()
         raise
-    return WriteManifest(models, settings, host, toolkit, folder, progress)(records, accuracy, digests, started)
+    write = WriteManifest(models, settings, host, toolkit, folder, progress)
+    return write(records, accuracy, digests, started, check_set)
 
 
 def _record(component: str, precision: str, graph: GraphArtifact, profiles: list[Profile], estimates: list[int],

@@ -8,14 +8,15 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from engines.manifest import ComponentRecord, ManifestError, read_manifest, sha256_file
+from engines.manifest import CheckSetRecord, ComponentRecord, ManifestError, read_manifest, sha256_file
 
 from .errors import BuildError
 
 ONNX_DIR = "onnx"
 ENGINE_DIR = "engines"
+CHECK_DIR = "checks"  # the check set (export.pipeline.checkset)
 REPORT_NAME = "report.json"
-_BUILD_SUFFIXES = (".onnx", ".validation.json", ".plan", ".partial", ".onnx.data")
+_BUILD_SUFFIXES = (".onnx", ".validation.json", ".plan", ".partial", ".onnx.data", ".safetensors")
 
 
 def check_output_folder(out: Path) -> None:
@@ -35,19 +36,23 @@ class ArtifactFolder:
 
     def __init__(self, out: Path):
         self.out = out
-        self.previous = _previous_records(out)
+        self.previous, self.previous_check_set = _previous_records(out)
 
     def reusable(self, relative: str | None, sha256: str | None) -> bool:
         """Whether the file the previous manifest names is still there with its hash."""
         return relative is not None and (self.out / relative).is_file() and sha256_file(self.out / relative) == sha256
 
-    def clean_leftovers(self, current: dict[str, ComponentRecord] | None = None) -> None:
-        """Delete what a failed or killed build left in ``onnx/`` and ``engines/``: staging folders,
-        partial files, and graphs, validation reports and engines that ``current`` (by default the
-        previous manifest) does not name. Only this toolkit's kinds of files are touched."""
+    def clean_leftovers(self, current: dict[str, ComponentRecord] | None = None,
+                        check_set: CheckSetRecord | None = None) -> None:
+        """Delete what a failed or killed build left in ``onnx/``, ``engines/`` and ``checks/``:
+        staging folders, partial files, and graphs, validation reports, engines and check sets that
+        ``current`` and ``check_set`` (by default the previous manifest's) do not name. Only this
+        toolkit's kinds of files are touched."""
         named = _named(self.previous if current is None else current)
+        check_set = self.previous_check_set if current is None else check_set
+        named |= {check_set.file} if check_set is not None else set()
         keep = named | {f.replace(".onnx", ".validation.json") for f in named if f.endswith(".onnx")}
-        for sub in (ONNX_DIR, ENGINE_DIR):
+        for sub in (ONNX_DIR, ENGINE_DIR, CHECK_DIR):
             root = self.out / sub
             if not root.is_dir():
                 continue
@@ -79,11 +84,12 @@ class ArtifactFolder:
         return deleted
 
 
-def _previous_records(out: Path) -> dict[str, ComponentRecord]:
+def _previous_records(out: Path) -> tuple[dict[str, ComponentRecord], CheckSetRecord | None]:
     try:
-        return read_manifest(out).components
+        manifest = read_manifest(out)
     except ManifestError:
-        return {}
+        return {}, None
+    return manifest.components, manifest.check_set
 
 
 def _named(records: dict[str, ComponentRecord]) -> set[str]:

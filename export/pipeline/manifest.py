@@ -11,7 +11,7 @@ import time
 from datetime import datetime, timezone
 
 from engines.files import atomic_output
-from engines.manifest import ComponentRecord, Manifest
+from engines.manifest import CheckSetRecord, ComponentRecord, Manifest
 from export.onnx.components import Models
 
 from .engine import EngineHost
@@ -23,7 +23,8 @@ from .weights import weights_record
 
 class WriteManifest:
     """Manifest stage. In: the component records, the gate's report, the weights' digests, the
-    toolkit facts and the stages' log. Out: the ``Manifest``, written with ``report.json``."""
+    check set's record, the toolkit facts and the stages' log. Out: the ``Manifest``, written with
+    ``report.json``."""
 
     def __init__(self, models: Models, settings: BuildSettings, host: EngineHost, toolkit: dict,
                  folder: ArtifactFolder, progress: StageLog):
@@ -31,7 +32,7 @@ class WriteManifest:
         self.folder, self.progress = folder, progress
 
     def __call__(self, records: dict[str, ComponentRecord], accuracy: dict | None, digests: dict[str, str],
-                 started: float) -> Manifest:
+                 started: float, check_set: CheckSetRecord | None = None) -> Manifest:
         settings = self.settings
         manifest = Manifest(
             target=settings.target.describe(),
@@ -45,6 +46,7 @@ class WriteManifest:
             rebuild_command=settings.rebuild_command,
             components=records,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            check_set=check_set,
         )
         report = {
             "target": settings.target.describe(),
@@ -53,6 +55,7 @@ class WriteManifest:
             "engines_blocked_by": self.host.blocker,
             "stages": self.progress.stages,
             "accuracy": accuracy,
+            "check_set": check_set.to_dict() if check_set is not None else None,
             "components": {
                 name: {
                     "validation": r.validation,
@@ -67,5 +70,5 @@ class WriteManifest:
         with atomic_output(out / REPORT_NAME) as partial:
             partial.write_text(json.dumps(report, indent=2) + "\n")
         manifest.write(out)
-        self.folder.clean_leftovers(records)  # the previous build's artifacts, and this one's staging
+        self.folder.clean_leftovers(records, check_set)  # the previous build's artifacts, and this one's staging
         return manifest

@@ -1,0 +1,302 @@
+"""An artifact folder's check set, run through a backend: engines built where they could not run
+(TensorRT-RTX ahead of time) are trusted only after their outputs matched the fp32 eager ones the
+build stored (``export.pipeline.checkset``; DESIGN.md "Trust for engines built where they cannot run").
+
+- ``run_check_set``: every component on its stored inputs and one whole 2x pass on the stored input
+  and noise, compared with the stored fp32 eager outputs (rel-L2, max-abs) against the limits the
+  build stored beside them. What ``python -m runtime.check`` prints.
+- ``verify_first_use``: what ``Upscaler.load`` does with a backend whose ``verification_identity``
+  is not None: the check runs once per identity (engines, GPU, driver, runtime version) and check
+  set, its verdict is cached in the user cache folder (``runtime.cache``), and engines that fail
+  are refused with ``EngineCheckFailed`` (a ``BackendUnavailable``: ``auto`` moves on to the next
+  backend, an explicit backend raises it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from engines.errors import FlowUpscalerError
+from engines.files import atomic_output
+from engines.manifest import Manifest, sha256_file
+
+from .backends import Backend, BackendUnavailable
+from .cache import cache_dir
+from .noise import Noise
+from .upscaler import run_pass
+
+logger = logging.getLogger(__name__)
+
+PASS = "pass"  # the whole pass's entry in the results, beside the components
+VERDICTS = "verdicts"  # under the user cache folder
+
+
+class CheckSetError(FlowUpscalerError, RuntimeError):
+    """A folder whose check set is missing or not the one its manifest names; says how to rebuild."""
+
+
+class EngineCheckFailed(BackendUnavailable):
+    """A backend whose engines failed the folder's check set here (or could not run it)."""
+
+
+@dataclass
+class OutputCheck:
+    """One output against its stored fp32 eager value: the figures and the limits."""
+
+    component: str  # or PASS
+    output: str
+    precision: str
+    rel_l2: float
+    max_abs: float
+    limits: dict[str, float]
+    finite: bool = True
+    shape_error: str | None = None
+
+    @property
+    def failures(self) -> list[str]:
+        if self.shape_error:
+            return [self.shape_error]
+        failures = [] if self.finite else ["non-finite values"]
+        if not self.rel_l2 <= self.limits["rel_l2"]:
+            failures.append(f"rel-L2 {self.rel_l2:.3g} > {self.limits['rel_l2']:.3g}")
+        if not self.max_abs <= self.limits["max_abs"]:
+            failures.append(f"max-abs {self.max_abs:.3g} > {self.limits['max_abs']:.3g}")
+        return failures
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def line(self) -> str:
+        if self.shape_error:
+            figures = self.shape_error
+        else:
+            figures = (f"rel-L2 {self.rel_l2:.2e} (limit {self.limits['rel_l2']:.2e})  "
+                       f"max-abs {self.max_abs:.2e} (limit {self.limits['max_abs']:.2e})")
+            figures += "" if self.finite else "  non-finite values"
+        return f"{self.component:<13} {self.precision:<5} {self.output:<9} {figures}  {'PASS' if self.passed else 'FAIL'}"
+
+
+@dataclass
+class CheckResult:
+    """The check set run through one backend: every output's figures, and the components (or the
+    pass) that did not run, with why. Passed only when everything ran and every output is within
+    its limits."""
+
+    backend: str
+    device: str
+    check_set: str  # the file, relative to the folder
+    outputs: list[OutputCheck] = field(default_factory=list)
+    not_run: dict[str, str] = field(default_factory=dict)  # component -> why it cannot run here
+    errors: dict[str, str] = field(default_factory=dict)  # component -> the error its run raised
+
+    @property
+    def complete(self) -> bool:
+        """Whether every component and the pass ran (the figures are a verdict on the engines)."""
+        return not self.not_run and not self.errors
+
+    @property
+    def passed(self) -> bool:
+        return self.complete and all(o.passed for o in self.outputs)
+
+    @property
+    def failures(self) -> list[str]:
+        """One phrase per failed output, component not run or run that raised."""
+        failed = [f"{o.component} {o.output} ({', '.join(o.failures)})" for o in self.outputs if not o.passed]
+        failed += [f"{c} raised: {why}" for c, why in self.errors.items()]
+        return failed + [f"{c} cannot run here: {why}" for c, why in self.not_run.items()]
+
+    def lines(self) -> list[str]:
+        """The table ``runtime.check`` prints: one line per output, then what did not run."""
+        lines = [o.line() for o in self.outputs]
+        lines += [f"{c:<13} {'':<5} {'-':<9} ERROR: {why}" for c, why in self.errors.items()]
+        return lines + [f"{c:<13} {'':<5} {'-':<9} NOT RUN: {why}" for c, why in self.not_run.items()]
+
+    def to_dict(self) -> dict:
+        return {"backend": self.backend, "device": self.device, "check_set": self.check_set, "passed": self.passed,
+                "failures": self.failures,
+                "outputs": [{**asdict(o), "passed": o.passed} for o in self.outputs],
+                "not_run": self.not_run, "errors": self.errors}
+
+
+class _StoredNoise(Noise):
+    """The pass's noise as the build drew and stored it (the runtime's CPU convention)."""
+
+    def __init__(self, noise: torch.Tensor):
+        self._noise = noise
+
+    def next_pass(self, latents_small: torch.Tensor) -> torch.Tensor:
+        return self._noise.to(latents_small.device)
+
+
+def read_check_set(folder: Path, manifest: Manifest) -> dict[str, torch.Tensor]:
+    """The check set's tensors, refused unless the file is the one the manifest names (sha256)."""
+    record = manifest.check_set
+    rebuild = manifest.rebuild_command
+    if record is None:
+        raise CheckSetError(f"{folder} has no check set (built before check sets were stored); rebuild with: {rebuild}")
+    path = Path(folder) / record.file
+    if not path.is_file():
+        raise CheckSetError(f"the check set {record.file} named in the manifest is missing from {folder}; "
+                            f"rebuild with: {rebuild}")
+    if sha256_file(path) != record.sha256:
+        raise CheckSetError(f"the check set {record.file} does not match the manifest (sha256): it was changed after "
+                            f"the build; rebuild with: {rebuild}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckSetError(f"the check set {record.file} cannot be read ({exc}); rebuild with: {rebuild}") from exc
+
+
+def _compare(component: str, output: str, precision: str, got: torch.Tensor, expected: torch.Tensor,
+             limits: dict[str, float]) -> OutputCheck:
+    check = OutputCheck(component, output, precision, float("nan"), float("nan"), dict(limits))
+    if tuple(got.shape) != tuple(expected.shape):
+        check.shape_error = f"shape {tuple(got.shape)}, expected {tuple(expected.shape)}"
+        return check
+    got64, expected64 = got.detach().cpu().double(), expected.double()
+    diff = got64 - expected64
+    check.finite = bool(torch.isfinite(got64).all())
+    check.rel_l2 = float(diff.norm() / max(float(expected64.norm()), 1e-30))
+    check.max_abs = float(diff.abs().max()) if diff.numel() else 0.0
+    return check
+
+
+def _fed(tensor: torch.Tensor, name: str, produced: dict[str, torch.dtype], device: torch.device) -> torch.Tensor:
+    """A stored input as this backend takes it: in the type the backend's own component produces
+    under that name (the U-Net's encoder-fed inputs: fp32 in the torch backend's fp32 mode, the
+    graph's type elsewhere), else as stored (the graph's type)."""
+    return tensor.to(device=device, dtype=produced.get(name, tensor.dtype))
+
+
+@torch.inference_mode()
+def run_check_set(backend: Backend, folder: str | Path, manifest: Manifest) -> CheckResult:
+    """Run the folder's check set through ``backend`` (see the module docstring). Components the
+    backend cannot run are recorded as not run, with why; errors of a run as errors."""
+    folder = Path(folder)
+    tensors = read_check_set(folder, manifest)
+    record = manifest.check_set
+    result = CheckResult(backend.name, str(backend.device), record.file)
+    produced: dict[str, torch.dtype] = {}
+    device = backend.device
+    with backend.on_stream():
+        for component, entry in record.components.items():
+            try:
+                backend.check(component)
+            except BackendUnavailable as exc:
+                result.not_run[component] = str(exc)
+                continue
+            try:
+                inputs = {n: _fed(tensors[f"{component}/inputs/{n}"], n, produced, device) for n in entry["inputs"]}
+                outputs = backend.run(component, inputs)
+                for name in entry["outputs"]:
+                    produced[name] = outputs[name].dtype
+                    result.outputs.append(_compare(component, name, entry["precision"], outputs[name].float(),
+                                                   tensors[f"{component}/outputs/{name}"], entry["limits"][name]))
+            except KeyError as exc:
+                raise CheckSetError(f"the check set {record.file} lacks {exc} for {component}; rebuild with: "
+                                    f"{manifest.rebuild_command}") from exc
+            except (RuntimeError, ValueError, TypeError) as exc:  # the backend's own failures
+                result.errors[component] = " ".join(str(exc).split())[:300] or type(exc).__name__
+        whole = record.whole_pass
+        ran = {c for c in record.components if c not in result.not_run and c not in result.errors}
+        if whole and {"cond_encoder", "unet"} <= ran:
+            try:
+                names = whole["tensors"]
+                latents_small, noise, x0 = (tensors[names[n]] for n in ("latents_small", "noise", "x0"))
+            except KeyError as exc:
+                raise CheckSetError(f"the check set {record.file} lacks {exc} for the pass; rebuild with: "
+                                    f"{manifest.rebuild_command}") from exc
+            try:
+                got = run_pass(backend.run, latents_small.to(device), _StoredNoise(noise))
+                result.outputs.append(_compare(PASS, "x0", whole["precision"], got, x0, whole["limits"]))
+            except (RuntimeError, ValueError, TypeError) as exc:
+                result.errors[PASS] = " ".join(str(exc).split())[:300] or type(exc).__name__
+        elif whole:
+            result.not_run[PASS] = "cond_encoder and unet did not both run"
+    return result
+
+
+def verdict_path(identity: dict, check_set_sha256: str, folder: Path) -> Path:
+    """Where the verdict for ``identity`` and this check set is cached (``runtime.cache``)."""
+    text = json.dumps({"identity": identity, "check_set": check_set_sha256}, sort_keys=True, default=str)
+    return cache_dir(VERDICTS, folder) / f"{hashlib.sha256(text.encode()).hexdigest()[:32]}.json"
+
+
+def _cached_verdict(path: Path, identity: dict, check_set_sha256: str) -> dict | None:
+    """The verdict stored at ``path`` for exactly this identity and check set, else None."""
+    try:
+        verdict = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        logger.warning("ignoring the unreadable check verdict %s (%s); checking again", path, exc)
+        return None
+    same = (isinstance(verdict, dict) and isinstance(verdict.get("passed"), bool)
+            and verdict.get("check_set_sha256") == check_set_sha256
+            and verdict.get("identity") == json.loads(json.dumps(identity, default=str)))
+    return verdict if same else None
+
+
+def _store_verdict(path: Path, verdict: dict) -> None:
+    try:
+        with atomic_output(path) as partial:
+            partial.write_text(json.dumps(verdict, indent=2) + "\n")
+    except OSError as exc:  # a read-only home: the check then runs on every load, nothing breaks
+        logger.warning("could not cache the check verdict in %s (%s); the check runs again on the next load",
+                       path, exc.strerror or exc)
+
+
+def verify_first_use(backend: Backend, folder: str | Path, manifest: Manifest) -> None:
+    """Check ``backend``'s engines against the folder's check set once per identity; refuse them
+    (closing the backend) with ``EngineCheckFailed`` when they fail or cannot be checked."""
+    identity = backend.verification_identity()
+    if identity is None:
+        return
+    folder = Path(folder)
+    try:
+        _verify(backend, folder, manifest, identity)
+    except BaseException:
+        backend.close()
+        raise
+
+
+def _verify(backend: Backend, folder: Path, manifest: Manifest, identity: dict) -> None:
+    record = manifest.check_set
+    if record is None:
+        logger.warning("%s has no check set (built before check sets were stored): the %s engines are used "
+                       "unchecked; rebuild to add one: %s", folder, backend.name, manifest.rebuild_command)
+        return
+    path = verdict_path(identity, record.sha256, folder)
+    verdict = _cached_verdict(path, identity, record.sha256)
+    where = f"cached verdict {path}; delete it to check again"
+    if verdict is None:
+        try:
+            result = run_check_set(backend, folder, manifest)
+        except CheckSetError as exc:
+            raise EngineCheckFailed(f"the {backend.name} engines cannot be checked: {exc}") from exc
+        if not result.complete:  # not a verdict on the engines (a component could not run): not cached
+            raise EngineCheckFailed(f"the {backend.name} engines could not run their check set here: "
+                                    f"{'; '.join(result.failures)}")
+        verdict = {"passed": result.passed, "failures": result.failures, "identity": identity,
+                   "check_set_sha256": record.sha256, "folder": str(folder.resolve()),
+                   "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "result": result.to_dict()}
+        _store_verdict(path, verdict)
+        logger.info("%s engines of %s checked on first use: %s", backend.name, folder,
+                    "passed" if result.passed else "FAILED")
+        where = f"verdict cached in {path}"
+    if not verdict["passed"]:
+        raise EngineCheckFailed(
+            f"the {backend.name} engines of {folder} failed their check set here (against the fp32 eager outputs "
+            f"stored at build time): {'; '.join(verdict.get('failures') or ['see the verdict'])} ({where}). Rebuild "
+            f"with: {manifest.rebuild_command}, or use another backend (onnxruntime)"
+        )
