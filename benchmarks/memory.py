@@ -3,11 +3,15 @@
 Stages: each 2x pass of the chain from ``--input-px`` to ``--input-px * --scale``, then the tiled
 decode of the final latent. Per stage:
 
-- an estimate from the folder's ONNX graphs at batch 1 (``engines.memory``: the peak of
-  simultaneously live activations), plus the weights of every component (a runtime keeps them
-  all loaded), plus the tensors the runtime holds across the stage (a pass: its low-res input and
-  its fp32 output; the decode: the latents, the fp32 image and its blend weights). An upper
-  bound for engines, which fuse and reuse buffers; it needs no GPU.
+- an estimate, needing no GPU: per component, the activation memory its engine's builder reported
+  for the profile that runs the stage's shapes, where the folder has a built engine that reports
+  it (TensorRT-RTX always does; the figure is for the profile's largest batch), else the peak of
+  simultaneously live activations of its ONNX graph at batch 1 (``engines.memory``, which is not
+  an upper bound for engines: bf16 engines keep fp32 tensors before each GroupNorm); plus the
+  weights of every component (a runtime keeps them all loaded; the engine's figure where there is
+  one), plus the tensors the runtime holds across the stage (a pass: its low-res input and its
+  fp32 output; the decode: the latents, the fp32 image and its blend weights). Each row says which
+  source each component's figure came from.
 - on CUDA, per backend: the torch allocator's peak during the stage (``max_memory_allocated``,
   reset before; for ONNX Runtime and TensorRT only the buffers torch owns) and the device memory
   in use after it (driver view, so it includes the CUDA context, ONNX Runtime's arena and anything
@@ -31,6 +35,7 @@ from engines.cli import int_in_range, run_cli
 from engines.files import OutputPathError, check_output_file
 from engines.manifest import Manifest, ManifestError, load_manifest
 from engines.memory import GraphMemoryModel, MemoryEstimateError
+from engines.profiles import select_profile
 from runtime.latents import LATENT_CHANNELS, SCALES, InvalidLatentsError
 
 from .latency import (
@@ -68,18 +73,32 @@ class ChainEstimate:
     def __init__(self, folder: Path, manifest: Manifest):
         self.records = manifest.components
         self.graphs = {name: GraphMemoryModel(folder / record.onnx_file) for name, record in self.records.items()}
-        self.weights = sum(graph.weights for graph in self.graphs.values())
+        self.weights = sum(self._engine_facts(name).get("weights_bytes", self.graphs[name].weights)
+                           for name in self.records)
+        self.sources: dict[str, str] = {}
+
+    def _engine_facts(self, component: str) -> dict:
+        engine = self.records[component].engine
+        return engine.facts if engine.built else {}
 
     def _activations(self, component: str, side: int) -> int:
-        shapes = profile_shapes(self.records[component], side)
+        record = self.records[component]
+        shapes = profile_shapes(record, side)
         if shapes is None:
             raise Skip(f"{component} at {side}x{side} latent pixels is outside the folder's profiles")
+        reported = self._engine_facts(component).get("activation_bytes_per_profile")
+        profile = select_profile(record.profiles, shapes)
+        if reported and profile is not None and profile < len(reported):
+            self.sources[component] = f"engine ({record.profiles[profile].name})"
+            return reported[profile]
+        self.sources[component] = "onnx estimate"
         return self.graphs[component].estimate(shapes).activations
 
     def tile_side(self) -> int:
         return max(self.records["vae_decoder"].profiles[0].max["latents"][2:])
 
     def stage(self, kind: str, size: int) -> dict:
+        self.sources = {}
         high = size // PIXELS_PER_LATENT
         if kind == "pass":
             low = high // 2
@@ -92,7 +111,7 @@ class ChainEstimate:
             pixels = size * size
             held = (LATENT_CHANNELS * high * high + (IMAGE_CHANNELS + 1) * pixels) * FP32
         return {"activations_bytes": activations, "weights_bytes": self.weights, "held_bytes": held,
-                "total_bytes": activations + self.weights + held}
+                "total_bytes": activations + self.weights + held, "sources": dict(self.sources)}
 
 
 def _measure(fn, device: torch.device) -> dict:
@@ -207,8 +226,10 @@ def markdown(result: dict) -> str:
              "|---|---|" + "---|---|" * len(backends)]
     for r in result["rows"]:
         e = r["estimate"]
+        sources = "" if e is None or not e.get("sources") else (
+            "; activations from " + ", ".join(f"{c}: {how}" for c, how in e["sources"].items()))
         estimate = "-" if e is None else (f"{fmt(e['total_bytes'])} ({fmt(e['activations_bytes'])} + "
-                                          f"{fmt(e['weights_bytes'])} + {fmt(e['held_bytes'])})")
+                                          f"{fmt(e['weights_bytes'])} + {fmt(e['held_bytes'])}{sources})")
         cells = "".join(
             f" {fmt(r['measured'].get(b, {}).get('torch_peak_bytes'))} | {fmt(r['measured'].get(b, {}).get('device_in_use_bytes'))} |"
             for b in backends)

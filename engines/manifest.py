@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .errors import FlowUpscalerError
 from .files import atomic_output
+from .flavours import FLAVOURS
 from .profiles import Profile
 
 SCHEMA = "flow-upscaler-artifacts"
@@ -52,6 +53,7 @@ class EngineRecord:
     compute_capability: str | None = None
     reason: str | None = None
     facts: dict = field(default_factory=dict)
+    flavour: str = "tensorrt"  # engines.flavours: which TensorRT built it (and alone can run it)
 
     @property
     def built(self) -> bool:
@@ -62,6 +64,7 @@ class EngineRecord:
             return {"built": False, "reason": self.reason}
         return {
             "built": True,
+            "flavour": self.flavour,
             "file": self.file,
             "sha256": self.sha256,
             "key": self.key,
@@ -75,7 +78,7 @@ class EngineRecord:
     def from_dict(cls, data: dict) -> EngineRecord:
         if not data.get("built"):
             return cls(reason=data.get("reason"))
-        known = {"built", "file", "sha256", "key", "tensorrt_version", "gpu", "compute_capability"}
+        known = {"built", "flavour", "file", "sha256", "key", "tensorrt_version", "gpu", "compute_capability"}
         return cls(
             file=data["file"],
             sha256=data["sha256"],
@@ -84,6 +87,7 @@ class EngineRecord:
             gpu=data.get("gpu"),
             compute_capability=data["compute_capability"],
             facts={k: v for k, v in data.items() if k not in known},
+            flavour=data.get("flavour", "tensorrt"),  # manifests before TensorRT-RTX
         )
 
 
@@ -350,14 +354,15 @@ def load_manifest(
     *,
     components: list[str] | None = None,
     engines: bool = False,
+    flavour: str | None = None,
     tensorrt_version: str | None = None,
     compute_capability: tuple[int, int] | None = None,
 ) -> Manifest:
     """Read and verify an artifact folder for use.
 
     Always checks the ONNX files' hashes. With ``engines=True`` every requested component must
-    have a built engine whose file hash, TensorRT version and compute capability match the given
-    ones (the running TensorRT and GPU).
+    have a built engine whose file hash, flavour (TensorRT or TensorRT-RTX), version and compute
+    capability match the given ones (the running TensorRT and GPU).
     """
     folder = Path(folder)
     manifest = read_manifest(folder)
@@ -377,8 +382,12 @@ def load_manifest(
         if not engine.built:
             raise ManifestError(f"the {name} engine was not built ({engine.reason}); on the target GPU run: {rebuild}")
         differences = []
-        if tensorrt_version is not None and engine.tensorrt_version != tensorrt_version:
-            differences.append(f"TensorRT {engine.tensorrt_version} at build, {tensorrt_version} here")
+        built_with = FLAVOURS[engine.flavour].title if engine.flavour in FLAVOURS else engine.flavour
+        if flavour is not None and engine.flavour != flavour:
+            here = FLAVOURS[flavour].title if flavour in FLAVOURS else flavour
+            differences.append(f"{built_with} engines, asked to run on {here}")
+        elif tensorrt_version is not None and engine.tensorrt_version != tensorrt_version:
+            differences.append(f"{built_with} {engine.tensorrt_version} at build, {tensorrt_version} here")
         if compute_capability is not None:
             here = "%d.%d" % compute_capability
             if engine.compute_capability != here:
@@ -388,7 +397,7 @@ def load_manifest(
         if differences:
             raise ManifestError(
                 f"the {name} engine in {folder} was built for another setup: {'; '.join(differences)}. "
-                f"Rebuild on this machine with: {rebuild}"
+                f"Rebuild for this GPU and version with: {rebuild} (--target auto on this machine)"
             )
         _check_file(folder, engine.file, engine.sha256, "engine", rebuild)
     return manifest

@@ -205,3 +205,25 @@ def tile_profile(
         opt=rule(1, tile, tile),
         max=rule(batch, tile, tile),
     )
+
+
+def check_engine_memory(component: str, profiles: list[Profile], activation_bytes: list[int], weights_bytes: int,
+                        budget: int, estimates: list[int] | None = None) -> None:
+    """Refuse an engine whose own memory figures (activations per profile, as the builder reports
+    them, plus weights) exceed the budget, before it is published.
+
+    The profiles were sized with the ONNX liveness estimate, which is not an upper bound for what
+    an engine allocates (bf16 engines keep fp32 copies before each GroupNorm, for one), so the
+    engine's figure has the last word.
+    """
+    gib = 1 << 30
+    for i, (profile, activations) in enumerate(zip(profiles, activation_bytes)):
+        needed = activations + weights_bytes
+        if needed > budget:
+            estimate = f"; the ONNX estimate was {estimates[i] / gib:.2f} GiB" if estimates and i < len(estimates) else ""
+            raise ProfileError(
+                f"the {component} engine's profile {profile.name} needs {needed / gib:.2f} GiB by the engine's own "
+                f"figure ({activations / gib:.2f} GiB activations at batch {profile.max_batch} + "
+                f"{weights_bytes / gib:.2f} GiB weights), over the memory budget of {budget / gib:.2f} GiB{estimate}. "
+                "Build a smaller range (--max-px) or batch (--max-batch), or for a target with more memory"
+            )

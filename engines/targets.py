@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from .errors import FlowUpscalerError
+from .flavours import TENSORRT, TENSORRT_RTX, get_flavour
 
 BUDGET_SHARE = 0.75
 GIB = 1 << 30
@@ -38,6 +39,8 @@ class Target:
     default_precision: str = "fp16"
     min_input_px: int = DEFAULT_MIN_INPUT_PX
     max_output_px: int = DEFAULT_MAX_OUTPUT_PX
+    # Engine flavours that serve this GPU, the default first (engines.flavours).
+    engine_flavours: tuple[str, ...] = (TENSORRT.name,)
 
     @property
     def sm(self) -> str:
@@ -67,6 +70,15 @@ class Target:
                 f"supported: {', '.join(self.precisions)}"
             )
 
+    def check_flavour(self, flavour: str) -> None:
+        """Refuse a flavour that cannot build engines for this GPU, naming those that can."""
+        get_flavour(flavour)
+        if flavour not in self.engine_flavours:
+            raise TargetError(
+                f"{flavour} engines cannot target {self.gpu} (compute capability {self.compute_capability[0]}."
+                f"{self.compute_capability[1]}): use {' or '.join(self.engine_flavours)}"
+            )
+
     def with_range(self, min_input_px: int | None, max_output_px: int | None) -> Target:
         return replace(
             self,
@@ -83,16 +95,20 @@ class Target:
             "memory_budget_bytes": self.memory_budget_bytes,
             "peak_tflops_fp16": self.peak_tflops,
             "precisions": list(self.precisions),
+            "engine_flavours": list(self.engine_flavours),
             "resolution_px": {"min_input": self.min_input_px, "max_output": self.max_output_px},
         }
 
 
+# RTX cards: TensorRT-RTX by default (built ahead of time anywhere), TensorRT 10/11 on request.
+RTX_FLAVOURS = (TENSORRT_RTX.name, TENSORRT.name)
+
 PRESETS: dict[str, Target] = {
     t.name: t
     for t in (
-        Target("rtx5090", "NVIDIA GeForce RTX 5090", (12, 0), 32, 209.5),
-        Target("rtx4090", "NVIDIA GeForce RTX 4090", (8, 9), 24, 165.2),
-        Target("rtx3090", "NVIDIA GeForce RTX 3090", (8, 6), 24, 71.0),
+        Target("rtx5090", "NVIDIA GeForce RTX 5090", (12, 0), 32, 209.5, engine_flavours=RTX_FLAVOURS),
+        Target("rtx4090", "NVIDIA GeForce RTX 4090", (8, 9), 24, 165.2, engine_flavours=RTX_FLAVOURS),
+        Target("rtx3090", "NVIDIA GeForce RTX 3090", (8, 6), 24, 71.0, engine_flavours=RTX_FLAVOURS),
         Target("h100", "NVIDIA H100 SXM", (9, 0), 80, 989.4),
         Target("l40s", "NVIDIA L40S", (8, 9), 48, 362.0),
         Target("a100", "NVIDIA A100 SXM", (8, 0), 80, 312.0),
@@ -112,7 +128,9 @@ def target_for_device(name: str, capability: tuple[int, int], memory_bytes: int)
     for key, preset in _NAME_KEYS.items():
         if key.lower() in name.lower():
             return replace(PRESETS[preset], gpu=name, compute_capability=capability, memory_gib=memory_gib)
-    return Target(AUTO, name, capability, memory_gib, peak_tflops=None)
+    rtx = "RTX" in name and TENSORRT_RTX.targets(capability)
+    return Target(AUTO, name, capability, memory_gib, peak_tflops=None,
+                  engine_flavours=RTX_FLAVOURS if rtx else (TENSORRT.name,))
 
 
 def detect_target(device: int = 0) -> Target:

@@ -112,7 +112,7 @@ def _network_loader(trt, onnx_path: Path):
     return NetworkFromOnnxPath(str(onnx_path), strongly_typed=True if major < 11 and has_flag else None)
 
 
-def _progress_monitor(trt, report: Callable[[str], None]):
+def progress_monitor(trt, report: Callable[[str], None]):
     class Progress(trt.IProgressMonitor):
         """Prints TensorRT's top-level build phases with the time since the build began."""
 
@@ -184,7 +184,7 @@ def build_engine(
         memory_pool_limits=limits,
         preview_features=preview_features,
         load_timing_cache=str(timing_cache_path) if timing_cache_path.exists() else None,
-        progress_monitor=_progress_monitor(trt, report),
+        progress_monitor=progress_monitor(trt, report),
     )
     with tempfile.TemporaryDirectory() as scratch:
         log_path = Path(scratch) / "tensorrt.log"
@@ -211,19 +211,20 @@ def build_engine(
         "build_seconds": round(seconds, 1),
         "tf32": options.tf32,
         "preview_features": [ACTIVATION_RESIZE_FEATURE] if preview_features else [],
+        "engine_bytes": len(engine_bytes),
         **_engine_memory(engine_bytes, len(profiles)),
     }
 
 
 def _engine_memory(engine_bytes, num_profiles: int) -> dict:
-    """Scratch memory TensorRT says each profile needs at its maximum shapes."""
+    """Activation (scratch) memory TensorRT says each profile needs at its maximum shapes."""
     from polygraphy.backend.trt import EngineFromBytes
 
     engine = EngineFromBytes(engine_bytes)()
     if not hasattr(engine, "get_device_memory_size_for_profile_v2"):
         return {}
     return {
-        "device_memory_bytes_per_profile": [
+        "activation_bytes_per_profile": [
             int(engine.get_device_memory_size_for_profile_v2(i)) for i in range(num_profiles)
         ]
     }

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from engines.cli import SEED_RANGE, float_in_range, int_in_range, run_cli
+from engines.flavours import FLAVOURS, FlavourError
 from engines.manifest import Manifest
 from engines.memory import MemoryEstimateError
 from engines.requirements import onnxruntime_missing
@@ -29,7 +30,7 @@ from calib.quantize import DEFAULT_KEEP, KEEP_GROUPS, QUANTIZED_PRECISIONS, keep
 from .checkpoint import CheckpointError, add_weight_arguments, load_unet, load_vae
 from .onnx.components import Models
 from .pipeline.driver import build_artifacts
-from .pipeline.engine import EngineHost
+from .pipeline.engine import EngineHost, engine_flavour
 from .pipeline.errors import BuildError
 from .pipeline.folder import check_output_folder
 from .pipeline.profiles import check_range, latent_ranges
@@ -85,8 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="let TensorRT run fp32 layers (an fp32 VAE, fp8 graphs' float parts) in TF32: faster, "
                              "about fp16's precision. Default: true fp32, recorded in the manifest")
     parser.add_argument(
+        "--engine-flavour", choices=tuple(FLAVOURS),
+        help="tensorrt-rtx (TensorRT for RTX: builds ahead of time for the target's compute capability on any "
+             "machine, GPU or not; RTX targets' default) or tensorrt (TensorRT 10/11: builds on the target GPU "
+             "itself; the only one for h100, l40s, a100)")
+    parser.add_argument(
         "--require-engines", action="store_true", help="fail unless TensorRT engines can be built on this machine"
     )
+    parser.add_argument("--no-wait", action="store_true",
+                        help="if another build is writing --out, fail at once (exit 1) instead of waiting for it to "
+                             "finish (the default; one build per folder at a time)")
     parser.add_argument("--seed", type=int_in_range(*SEED_RANGE), default=0,
                         help=f"seed of --random-weights and of the gate's pass noise, 0..{SEED_RANGE[1]}")
     parser.add_argument("--keep", type=keep_groups, default=list(DEFAULT_KEEP),
@@ -124,6 +133,8 @@ def _rebuild_command(args: argparse.Namespace, target: Target, out: Path) -> str
         words += ["--opt-level", str(args.opt_level)]
     if args.tf32:
         words.append("--tf32")
+    if args.engine_flavour and args.engine_flavour != target.engine_flavours[0]:
+        words += ["--engine-flavour", args.engine_flavour]
     return shlex.join(words)
 
 
@@ -142,6 +153,22 @@ def _load_models(args: argparse.Namespace, components: tuple[str, ...]) -> tuple
 
 def _summary(manifest: Manifest, out: Path) -> str:
     lines = [f"wrote {out / 'manifest.json'}"]
+    gib = 2**30
+    for name, record in manifest.components.items():
+        engine = record.engine
+        if not engine.built:
+            continue
+        size = (out / engine.file).stat().st_size / 2**20
+        activations = engine.facts.get("activation_bytes_per_profile") or []
+        weights = engine.facts.get("weights_bytes", 0)
+        estimates = record.memory_estimate_bytes or [0] * len(activations)
+        memory = ", ".join(
+            f"{p.name} {(a + weights) / gib:.2f} GiB ({a / gib:.2f} activations; ONNX estimate {e / gib:.2f})"
+            for p, a, e in zip(record.profiles, activations, estimates)
+        )
+        lines.append(f"  {engine.file}: {size:.1f} MiB, {FLAVOURS[engine.flavour].title if engine.flavour in FLAVOURS else engine.flavour} "
+                     f"{engine.tensorrt_version} for compute capability {engine.compute_capability}"
+                     + (f"; memory by profile, weights + activations: {memory}" if memory else ""))
     unbuilt = [n for n, r in manifest.components.items() if not r.engine.built]
     if unbuilt:
         reason = manifest.components[unbuilt[0]].engine.reason
@@ -150,6 +177,9 @@ def _summary(manifest: Manifest, out: Path) -> str:
             f"To finish, copy {out} to a machine with a {manifest.target['gpu']} and TensorRT and run there:",
             f"  {manifest.rebuild_command}",
         ]
+    elif any(r.engine.flavour == "tensorrt-rtx" for r in manifest.components.values()):
+        lines.append(f"engines built ahead of time: on the {manifest.target['gpu']} they compile their kernels at "
+                     f"first load and check themselves against the folder's check set (python -m runtime.check {out})")
     return "\n".join(lines)
 
 
@@ -166,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         target.check_precision(precision)
         target.check_precision(vae_precision)
-    except TargetError as exc:
+        flavour = engine_flavour(args.engine_flavour, target)
+    except (TargetError, FlavourError) as exc:
         parser.error(str(exc))
     missing = onnxruntime_missing()
     if missing:  # validation, quantization and the memory estimate all run on it
@@ -189,23 +220,26 @@ def main(argv: list[str] | None = None) -> int:
         rebuild_command=_rebuild_command(args, target, out),
         keep=tuple(args.keep),
         seed=args.seed,
+        engine_flavour=flavour.name,
     )
     try:
         check_output_folder(out)
-        blocker = EngineHost.detect(target).blocker
-        if args.require_engines and blocker:
-            raise BuildError(f"--require-engines: engines cannot be built here: {blocker}")
+        host = EngineHost.detect(target, flavour)
+        if args.require_engines and host.blocker:
+            raise BuildError(f"--require-engines: engines cannot be built here: {host.blocker}")
         print(f"target {target.name}: {target.gpu}, compute capability "
               f"{target.compute_capability[0]}.{target.compute_capability[1]}, budget "
-              f"{target.memory_budget_bytes / 2**30:.1f} GiB; out {out}", flush=True)
-        if not blocker and args.calib_side is None:
+              f"{target.memory_budget_bytes / 2**30:.1f} GiB; engines: {flavour.title} "
+              f"{host.trt_version or '(not installed)'}; out {out}", flush=True)
+        if host.runs_engines_for(target) and args.calib_side is None:
             # Engines are gated inside their own range (ONNX Runtime takes any size): the fallback
             # samples at the smallest input, or the largest if the default side is beyond it.
             lo, hi, _ = latent_ranges(target)["cond_encoder"]
             args.calib_side = min(max(DEFAULT_SIDE, lo), hi)
         settings.calibration = calibration_from_args(args)
         models, settings.weights = _load_models(args, components)
-        manifest = build_artifacts(models, settings, out, log=lambda line: print(line, flush=True))
+        manifest = build_artifacts(models, settings, out, log=lambda line: print(line, flush=True),
+                                   wait=not args.no_wait)
     except (CheckpointError, BuildError, ProfileError, TargetError, MemoryEstimateError, CalibrationError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -1,8 +1,13 @@
 """TensorRT backend: engines run with ``execute_async_v3`` on torch memory, on the backend's stream.
 
-- ``from_folder`` checks the manifest against the running TensorRT version and GPU before any
-  engine loads; the constructor takes engine files directly (the build gates fresh engines that
-  way, before their manifest exists).
+- Both flavours (engines.flavours): TensorRT 10/11 and TensorRT-RTX engines run through this one
+  backend. They differ in how an engine's contexts are made (TensorRT-RTX: a runtime
+  configuration with its runtime cache, ``runtime.tensorrt_rtx``) and in a validity check of the
+  plan before it is deserialised; those calls sit in ``_ClassicRunSettings`` and
+  ``runtime.tensorrt_rtx.RtxRunSettings``, everything else is shared.
+- ``from_folder`` checks the manifest against the running flavour, its version and the GPU before
+  any engine loads; the constructor takes engine files directly (the build gates fresh engines
+  that way, before their manifest exists).
 - One launch per (component, input shapes), each with its own execution context: the context's
   optimisation profile (the smallest covering the shapes) and input shapes are set once, when the
   launch is made, and never change. So a CUDA graph captured on a launch's context stays valid,
@@ -27,17 +32,22 @@ used on them against the real TensorRT 10 and 11 bindings.
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import logging
+import sys
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from engines.manifest import ManifestError, load_manifest
+from engines.flavours import TENSORRT, TENSORRT_RTX, get_flavour
+from engines.manifest import ManifestError, load_manifest, read_manifest
 from engines.profiles import Profile, select_profile
 
 from .backends import Backend, BackendUnavailable, OwnStream, Tensors
+from .cache import cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -69,26 +79,68 @@ class _Engine:
     inputs: dict[str, torch.dtype]
     outputs: dict[str, torch.dtype]
     file_bytes: int
+    sha256: str
+    run_settings: object  # _ClassicRunSettings or RtxRunSettings: makes contexts, keeps the runtime cache
     launches: OrderedDict[tuple, _Launch] = field(default_factory=OrderedDict)
 
 
-def _import_tensorrt():
+class _ClassicRunSettings:
+    """TensorRT 10/11: contexts with user-managed scratch; nothing compiles at run time, nothing to keep."""
+
+    def __init__(self, trt):
+        self._trt = trt
+
+    def create_context(self, engine):
+        return engine.create_execution_context(self._trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+
+    def save_cache(self) -> None:
+        pass
+
+
+def _import_tensorrt(flavour: str = TENSORRT.name):
+    about = get_flavour(flavour)
     try:
+        if about is TENSORRT_RTX:
+            from .tensorrt_rtx import import_module
+
+            return import_module()
         import tensorrt as trt
-    except ImportError as exc:
-        raise BackendUnavailable(f"TensorRT is not installed (pip install -e '.[trt]'): {exc}") from exc
+    except (ImportError, OSError) as exc:
+        raise BackendUnavailable(f"{about.title} is not installed ({about.install_hint}): {exc}") from exc
     return trt
 
 
-_LOGGER = None
+def driver_version() -> str | None:
+    """The NVIDIA driver's version (NVML), or the CUDA version it supports if NVML is missing."""
+    try:
+        nvml = ctypes.CDLL("nvml.dll" if sys.platform == "win32" else "libnvidia-ml.so.1")
+        if nvml.nvmlInit_v2() == 0:
+            try:
+                text = ctypes.create_string_buffer(96)
+                if nvml.nvmlSystemGetDriverVersion(text, 96) == 0:
+                    return text.value.decode()
+            finally:
+                nvml.nvmlShutdown()
+    except (OSError, AttributeError):
+        pass
+    try:
+        cuda = ctypes.CDLL("nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1")
+        version = ctypes.c_int()
+        if cuda.cuDriverGetVersion(ctypes.byref(version)) == 0:
+            return f"cuda{version.value // 1000}.{version.value % 1000 // 10}"
+    except (OSError, AttributeError):
+        pass
+    return None
+
+
+_LOGGERS: dict[object, object] = {}  # by TensorRT module
 
 
 def _tensorrt_logger(trt):
-    """One TensorRT logger per process: TensorRT warns when runtimes are given different ones."""
-    global _LOGGER
-    if _LOGGER is None:
-        _LOGGER = trt.Logger(trt.Logger.WARNING)
-    return _LOGGER
+    """One logger per TensorRT flavour and process: TensorRT warns when runtimes are given different ones."""
+    if trt not in _LOGGERS:
+        _LOGGERS[trt] = trt.Logger(trt.Logger.WARNING)
+    return _LOGGERS[trt]
 
 
 def _torch_dtypes(trt) -> dict:
@@ -133,15 +185,23 @@ def _release_capture_pool(device: torch.device, pool) -> None:
 class TensorRTBackend(Backend):
     name = "tensorrt"
 
-    def __init__(self, engines: dict[str, tuple[Path, list[Profile]]], device: torch.device, cuda_graphs: bool = True):
-        """``engines``: per component, its engine file and the profiles it was built with."""
-        trt = _import_tensorrt()
+    def __init__(self, engines: dict[str, tuple[Path, list[Profile]]], device: torch.device, cuda_graphs: bool = True,
+                 flavour: str = TENSORRT.name, cache_folder: Path | None = None):
+        """``engines``: per component, its engine file and the profiles it was built with.
+        ``flavour``: which TensorRT built them. ``cache_folder``: where TensorRT-RTX keeps its
+        compiled kernels (None: not kept)."""
+        about = get_flavour(flavour)
+        trt = _import_tensorrt(flavour)
         if device.type != "cuda" or not torch.cuda.is_available():
-            raise BackendUnavailable(f"TensorRT needs a CUDA device, got {device}")
+            raise BackendUnavailable(f"{about.title} needs a CUDA GPU, and this machine has none ({device} asked)")
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
+        props = torch.cuda.get_device_properties(device)
         self._trt = trt
+        self.flavour = about
         self.device = device
+        self.gpu = {"name": props.name, "compute_capability": "%d.%d" % (props.major, props.minor),
+                    "driver": driver_version()}
         self._cuda_graphs = cuda_graphs
         self._stream = OwnStream(device)
         self._scratch = torch.empty(0, dtype=torch.uint8, device=device)
@@ -160,12 +220,23 @@ class TensorRTBackend(Backend):
             self._keep_alive = (tensorrt_logger, runtime)
             for name, (path, profiles) in engines.items():
                 try:
-                    engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
-                except (TypeError, RuntimeError, OSError) as exc:
-                    raise BackendUnavailable(f"TensorRT could not load {path} ({exc}); rebuild the engines") from exc
+                    plan = Path(path).read_bytes()
+                except OSError as exc:
+                    raise BackendUnavailable(f"could not read the engine {path} ({exc})") from exc
+                if about is TENSORRT_RTX:
+                    from .tensorrt_rtx import plan_problem
+
+                    problem = plan_problem(trt, runtime, plan)
+                    if problem:
+                        raise BackendUnavailable(f"TensorRT-RTX {trt.__version__} cannot run {path} on {props.name}: "
+                                                 f"{problem}; rebuild the folder for this GPU and version")
+                try:
+                    engine = runtime.deserialize_cuda_engine(plan)
+                except (TypeError, RuntimeError) as exc:
+                    raise BackendUnavailable(f"{about.title} could not load {path} ({exc}); rebuild the engines") from exc
                 if engine is None:
                     raise BackendUnavailable(
-                        f"TensorRT could not load {path} (see TensorRT's log above); rebuild the engines"
+                        f"{about.title} could not load {path} (see its log above); rebuild the engines"
                     )
                 tensors = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
                 kinds: dict[bool, dict[str, torch.dtype]] = {True: {}, False: {}}
@@ -174,26 +245,52 @@ class TensorRTBackend(Backend):
                     if dtype not in dtypes:
                         raise BackendUnavailable(f"{path}: tensor {tensor} has type {dtype}, which this runtime does not handle")
                     kinds[engine.get_tensor_mode(tensor) == trt.TensorIOMode.INPUT][tensor] = dtypes[dtype]
-                self._engines[name] = _Engine(engine, profiles, kinds[True], kinds[False], Path(path).stat().st_size)
+                sha256 = hashlib.sha256(plan).hexdigest()
+                if about is TENSORRT_RTX:
+                    from .tensorrt_rtx import RtxRunSettings, runtime_cache_file
+
+                    cache = runtime_cache_file(cache_folder, sha256, self.gpu, trt.__version__) if cache_folder else None
+                    run_settings = RtxRunSettings(trt, engine, cache)
+                else:
+                    run_settings = _ClassicRunSettings(trt)
+                self._engines[name] = _Engine(engine, profiles, kinds[True], kinds[False], len(plan), sha256,
+                                              run_settings)
 
     @classmethod
     def from_folder(cls, folder: Path, device: torch.device, cuda_graphs: bool = True) -> TensorRTBackend:
-        """The artifact folder's engines, refused unless built by this TensorRT for this GPU."""
-        trt = _import_tensorrt()
+        """The artifact folder's engines, refused unless built by the installed flavour and version
+        of TensorRT for this GPU's compute capability."""
+        try:
+            records = [c.engine for c in read_manifest(folder).components.values()]  # manifest records
+            flavours = {record.flavour for record in records if record.built}
+        except ManifestError as exc:
+            raise BackendUnavailable(str(exc)) from exc
+        flavour = flavours.pop() if len(flavours) == 1 else TENSORRT.name  # none or mixed: load_manifest says why
+        trt = _import_tensorrt(flavour)
         if device.type != "cuda" or not torch.cuda.is_available():
-            raise BackendUnavailable(f"TensorRT needs a CUDA device, got {device}")
+            raise BackendUnavailable(f"{get_flavour(flavour).title} needs a CUDA GPU, and this machine has none "
+                                     f"({device} asked)")
         props = torch.cuda.get_device_properties(device)
         try:
-            manifest = load_manifest(
-                folder, engines=True, tensorrt_version=trt.__version__, compute_capability=(props.major, props.minor)
-            )
+            manifest = load_manifest(folder, engines=True, flavour=flavour, tensorrt_version=trt.__version__,
+                                     compute_capability=(props.major, props.minor))
         except ManifestError as exc:
             raise BackendUnavailable(str(exc)) from exc
         engine_files = {}
         for name, component in manifest.components.items():
             built = component.engine  # a manifest record, not a TensorRT engine
             engine_files[name] = (folder / built.file, component.profiles)
-        return cls(engine_files, device, cuda_graphs)
+        cache_folder = cache_dir(f"tensorrt-rtx-{trt.__version__}", folder) if flavour == TENSORRT_RTX.name else None
+        return cls(engine_files, device, cuda_graphs, flavour=flavour, cache_folder=cache_folder)
+
+    def verification_identity(self) -> dict:
+        """What a first-use check verdict holds for: these engines, this GPU and driver, this TensorRT."""
+        return {
+            "flavour": self.flavour.name,
+            "version": self._trt.__version__,
+            "gpu": self.gpu,
+            "engines": {name: state.sha256 for name, state in self._engines.items()},
+        }
 
     def on_stream(self):
         return self._stream.scope()
@@ -215,8 +312,7 @@ class TensorRTBackend(Backend):
         return checked
 
     def _new_launch(self, component: str, state: _Engine, shapes: dict[str, tuple[int, ...]], profile: int) -> _Launch:
-        trt = self._trt
-        context = state.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        context = state.run_settings.create_context(state.engine)
         if context is None:
             raise RuntimeError(f"TensorRT could not create an execution context for {component} (see its log above)")
         try:  # the bindings raise where the C++ call returns false
@@ -299,6 +395,8 @@ class TensorRTBackend(Backend):
             for name, tensor in inputs.items():
                 self._address(launch.context, component, name, tensor)
             self._execute(component, launch)  # also flushes TensorRT's deferred updates before a capture
+            if launch.runs == 1:  # TensorRT-RTX compiled this shape's kernels: keep them for the next load
+                state.run_settings.save_cache()
             if inputs is launch.static_inputs:
                 self._capture(component, launch)
             return launch.outputs

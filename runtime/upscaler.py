@@ -285,6 +285,10 @@ class Upscaler:
             precision = folder_float_precision(manifest)
         torch_options = {"precision": precision or "fp32", "compile_mode": compile_mode}
         skipped = {}
+        if backend == "auto" and device.type != "cuda" and any(c.engine.built for c in manifest.components.values()):
+            # said, not warned: a CPU machine loading a folder built for a GPU is the normal case here
+            skipped["tensorrt"] = "the folder's engines need a CUDA GPU; this machine runs on the CPU"
+            logger.info("backend auto: skipped tensorrt on %s: %s", device, skipped["tensorrt"])
         from .checkset import verify_first_use  # imports this module: loaded when first needed
 
         for kind in order:

@@ -40,7 +40,8 @@ LIBRARY = "tensorrt_bindings/tensorrt.so"
 
 MODULE_ALIASES = frozenset({"trt", "tensorrt"})
 # Names reserved for TensorRT objects in the TensorRT modules (see the convention above).
-RECEIVERS = frozenset({"engine", "context", "runtime", "builder", "network", "parser", "config", "timing_cache"})
+RECEIVERS = frozenset({"engine", "context", "runtime", "builder", "network", "parser", "config", "timing_cache",
+                       "optimization_profile", "runtime_config", "runtime_cache"})
 # Module attributes set by the package's Python __init__.py, not by the .so (the wheel test checks
 # that the wheel's __init__.py really assigns them). A chain stops at them: what follows is Python's.
 PYTHON_NAMES = frozenset({"__version__"})
@@ -201,13 +202,54 @@ def used_names(paths: list[Path]) -> Usage:
     return usage
 
 
-def imports_tensorrt(tree: ast.AST) -> bool:
+def imports_tensorrt(tree: ast.AST, module: str = "tensorrt") -> bool:
     for node in ast.walk(tree):
-        if isinstance(node, ast.Import) and any(a.name.split(".")[0] == "tensorrt" for a in node.names):
+        if isinstance(node, ast.Import) and any(a.name.split(".")[0] == module for a in node.names):
             return True
-        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "tensorrt":
+        if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] == module:
             return True
     return False
+
+
+def _project_imports(path: Path, tree: ast.AST) -> set[Path]:
+    """Project modules ``path`` imports from (relative or absolute, lazily inside functions included)."""
+    found = set()
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.ImportFrom) or not node.module:
+            continue
+        base = path.parent
+        for _ in range(max(node.level - 1, 0)):
+            base = base.parent
+        target = (base if node.level else ROOT) / Path(*node.module.split("."))
+        if target.with_suffix(".py").is_file():
+            found.add(target.with_suffix(".py").resolve())
+    return found
+
+
+def tensorrt_rtx_modules() -> list[Path]:
+    """The modules whose TensorRT names must exist in TensorRT-RTX: those importing ``tensorrt_rtx``,
+    and the TensorRT modules they import from or that import from them (code both flavours share:
+    the TensorRT backend, the build's progress monitor)."""
+    trees = {path.resolve(): ast.parse(path.read_text()) for path in project_sources()}
+    rtx = {path for path, tree in trees.items() if imports_tensorrt(tree, "tensorrt_rtx")}
+    shared = {path for path, tree in trees.items() if imports_tensorrt(tree)}
+    linked = {p for p in shared if _project_imports(p, trees[p]) & rtx}
+    linked |= {p for r in rtx for p in _project_imports(r, trees[r]) if p in shared}
+    return sorted(rtx | linked)
+
+
+def installed_tensorrt_rtx_names() -> tuple[str, set[str]]:
+    """The installed ``tensorrt_rtx`` module's version and names: its attributes and those of every
+    class and enum it defines (methods, properties, members), read from the real module."""
+    import tensorrt_rtx
+
+    names = set(dir(tensorrt_rtx))
+    for attr in dir(tensorrt_rtx):
+        value = getattr(tensorrt_rtx, attr)
+        if isinstance(value, type):
+            names |= set(dir(value))
+            names |= set(getattr(value, "__members__", {}))
+    return tensorrt_rtx.__version__, names
 
 
 def project_sources() -> list[Path]:

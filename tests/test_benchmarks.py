@@ -11,7 +11,7 @@ from benchmarks.latency import main
 from benchmarks.memory import ChainEstimate
 from benchmarks.memory import main as memory_main
 from calib.accuracy import main as accuracy_main
-from engines.manifest import load_manifest
+from engines.manifest import EngineRecord, load_manifest
 
 @pytest.fixture(scope="module")
 def artifacts(small_artifacts):
@@ -98,13 +98,27 @@ def test_memory_benchmark_estimates_every_stage_of_the_chain_on_cpu(artifacts, t
     estimates = [r["estimate"] for r in result["rows"]]
     for e in estimates:
         assert e["total_bytes"] == e["activations_bytes"] + e["weights_bytes"] + e["held_bytes"] > 0
-    # attention-free passes: activations grow with the area, x4 per octave
-    assert 3.5 < estimates[2]["activations_bytes"] / estimates[1]["activations_bytes"] < 4.2
+    # the folder's engines report their activation memory per profile: the estimate takes those
+    manifest = load_manifest(artifacts)
+    reported = {p.name: b for r in manifest.components.values()
+                for p, b in zip(r.profiles, r.engine.facts["activation_bytes_per_profile"])}
+    assert estimates[2]["sources"] == {"cond_encoder": "engine (cond_encoder:32)", "unet": "engine (unet:64)"}
+    assert estimates[2]["activations_bytes"] == max(reported["cond_encoder:32"], reported["unet:64"])
     # held across the last pass: its fp32 input (32x32) and output (32x64x64) latents
     assert estimates[2]["held_bytes"] == 4 * 32 * (32 * 32 + 64 * 64)
     assert result["estimate_peak_bytes"] == max(e["total_bytes"] for e in estimates)
     assert "measured only on CUDA" in result["skipped"][0]["reason"]
     assert "inside the goal of 24 GB" in paths["md"].read_text()
+
+
+def test_without_engine_figures_the_estimate_comes_from_the_graphs(artifacts):
+    manifest = load_manifest(artifacts)
+    for record in manifest.components.values():
+        record.engine = EngineRecord(reason="not built here")
+    estimates = [ChainEstimate(artifacts, manifest).stage("pass", size) for size in (256, 512)]
+    assert estimates[1]["sources"] == {"cond_encoder": "onnx estimate", "unet": "onnx estimate"}
+    # attention-free passes: activations grow with the area, x4 per octave
+    assert 3.5 < estimates[1]["activations_bytes"] / estimates[0]["activations_bytes"] < 4.2
 
 
 def test_tiled_decode_estimate_stays_at_one_tile_as_the_image_grows(artifacts):

@@ -15,21 +15,26 @@ from pathlib import Path
 import pytest
 
 from calib.data import load_calibration_set
+from engines.manifest import ComponentRecord, EngineRecord
+from engines.profiles import Profile
 from engines.targets import PRESETS
 from engines.tensorrt_build import BuildOptions, LocalGPU
 from export.checkpoint import load_unet, random_vae
 from export.onnx.components import Models
 from export.pipeline import sources
+from engines.flavours import TENSORRT
+from export.pipeline.checkset import MakeCheckSet
 from export.pipeline.engine import BuildEngine, EngineHost
 from export.pipeline.folder import ArtifactFolder
 from export.pipeline.graph import ExportGraph
 from export.pipeline.progress import StageLog
 from export.pipeline.quantize import QuantizeGraphs
+from export.pipeline.settings import BuildSettings
 
 from .conftest import SMALL_UNET, SMALL_VAE
 
 ROOT = Path(__file__).resolve().parents[1]
-KEYED_STAGES = ("export.pipeline.graph", "export.pipeline.quantize", "export.pipeline.engine")
+KEYED_STAGES = ("export.pipeline.graph", "export.pipeline.quantize", "export.pipeline.engine", "export.pipeline.checkset")
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +57,12 @@ def keys(models, tmp_path):
     folder, progress = ArtifactFolder(tmp_path / "out"), StageLog(lambda line: None)
     calibration = load_calibration_set(size=1, side=8)
     # a host that could build engines, so the engine stage computes its key (nothing is built)
-    host = EngineHost(trt_version="10.9.0", gpu=LocalGPU("NVIDIA GeForce RTX 4090", (8, 9)), blocker=None)
+    host = EngineHost(TENSORRT, trt_version="10.9.0", gpu=LocalGPU("NVIDIA GeForce RTX 4090", (8, 9)), blocker=None)
     target = PRESETS["rtx4090"]
+    box = {"sample": (1, 32, 16, 16)}
+    records = {"unet": ComponentRecord("unet", "fp16", "onnx/k/unet.fp16.onnx", "onnx-sha256", "k", ["sample"],
+                                       ["velocity"], [Profile("unet:16", box, box, box)], EngineRecord(reason="-"))}
+    settings = BuildSettings(target=target, precision="fp16", vae_precision="fp32")
 
     def compute() -> dict[str, str]:
         return {
@@ -62,6 +71,7 @@ def keys(models, tmp_path):
                                                        folder, progress).key(),
             "export.pipeline.engine": BuildEngine("unet", "fp16", target, BuildOptions(), host, folder, progress).key(
                 "onnx-sha256", []),
+            "export.pipeline.checkset": MakeCheckSet(models, settings, {"unet": "digest"}, folder, progress).key(records),
         }
 
     return compute
@@ -90,7 +100,9 @@ def _loaded_project_files(repo: Path, module: str) -> list[str]:
         # the latent contract and the quantizer, which the old key (export/ and engines/ only) missed
         ("runtime/latents.py", ["export.pipeline.graph", "export.pipeline.quantize"]),
         ("calib/quantize.py", ["export.pipeline.quantize"]),
-        ("calib/accuracy.py", ["export.pipeline.quantize"]),
+        ("calib/accuracy.py", ["export.pipeline.quantize", "export.pipeline.checkset"]),
+        ("export/onnx/validate.py", ["export.pipeline.checkset"]),
+        ("runtime/noise.py", ["export.pipeline.checkset"]),
         ("export/onnx/exporter.py", ["export.pipeline.graph", "export.pipeline.quantize"]),
         ("engines/tensorrt_build.py", ["export.pipeline.engine"]),
         ("export/pipeline/engine.py", ["export.pipeline.engine"]),

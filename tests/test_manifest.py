@@ -97,7 +97,7 @@ def test_changed_file_is_a_hash_mismatch(artifact):
 
 
 def test_other_tensorrt_version_is_refused(artifact):
-    with pytest.raises(ManifestError, match=r"TensorRT 10.9.0 at build, 10.13.0 here. Rebuild on this machine with: python -m export.build"):
+    with pytest.raises(ManifestError, match=r"TensorRT 10.9.0 at build, 10.13.0 here. Rebuild for this GPU and version with: python -m export.build"):
         load_manifest(artifact, engines=True, tensorrt_version="10.13.0", compute_capability=(8, 9))
 
 

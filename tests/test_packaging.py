@@ -138,6 +138,21 @@ def test_trt11_extra_is_tensorrt_11_only(project):
         )
 
 
+def test_rtx_extra_pins_one_tensorrt_rtx_and_dev_installs_it(project):
+    """Engines run only under the TensorRT-RTX version that built them: one exact version, the one
+    the build records; CI (README's install: `dev`) builds real engines with it."""
+    requirement = _only(project, "rtx", {"tensorrt-rtx"})
+    pinned = [spec for spec in requirement.specifier if spec.operator == "=="]
+    assert len(pinned) == 1 and len(requirement.specifier) == 1, f"{requirement} is not one exact version"
+    assert "tensorrt-rtx" in _names(_extra_requirements(project, {"dev"}))
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        assert version("tensorrt-rtx") == pinned[0].version, "the installed tensorrt-rtx is not the pinned one"
+    except PackageNotFoundError:
+        pytest.skip("tensorrt-rtx is not installed here")
+
+
 def test_polygraphy_floor_has_the_keywords_and_guards_the_build_needs(project):
     requirement = _only(project, "dev", {"polygraphy"})
     for version in POLYGRAPHY_BROKEN:
@@ -162,7 +177,7 @@ DISTRIBUTIONS = {
     "torch": "torch", "numpy": "numpy", "safetensors": "safetensors", "ml_dtypes": "ml-dtypes", "PIL": "pillow",
     "onnx": "onnx", "onnxscript": "onnxscript", "onnxslim": "onnxslim", "polygraphy": "polygraphy",
     "diffusers": "diffusers", "huggingface_hub": "huggingface-hub", "matplotlib": "matplotlib",
-    "onnxruntime": "onnxruntime", "tensorrt": "tensorrt-cu13",
+    "onnxruntime": "onnxruntime", "tensorrt": "tensorrt-cu13", "tensorrt_rtx": "tensorrt-rtx",
     # serving: the server and its Python backend's module come with nvidia-pytriton (or NGC's container)
     "pytriton": "nvidia-pytriton", "triton_python_backend_utils": "nvidia-pytriton", "tritonclient": "tritonclient",
 }
@@ -208,7 +223,7 @@ def test_a_runtime_only_install_is_the_core_and_one_onnxruntime(project):
     runtime_imports = _third_party_imports(("runtime",))
     serving = _names(_extra_requirements(project, {"serve"}))  # python -m runtime.serve only
     assert serving == {"nvidia-pytriton", "tritonclient"}
-    needed = {DISTRIBUTIONS[name] for name in runtime_imports} - {"onnxruntime", "tensorrt-cu13"} - serving
+    needed = {DISTRIBUTIONS[name] for name in runtime_imports} - {"onnxruntime", "tensorrt-cu13", "tensorrt-rtx"} - serving
     assert needed <= core, f"the runtime imports {sorted(needed - core)} beyond the core"
     build_side = {"onnx", "onnxscript", "onnxslim", "polygraphy", "diffusers", "huggingface-hub", "matplotlib"}
     assert not core & build_side

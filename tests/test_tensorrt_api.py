@@ -25,6 +25,7 @@ from tests.tensorrt_api import (
     Usage,
     committed_lists,
     describe,
+    installed_tensorrt_rtx_names,
     is_present,
     missing,
     names_in_library,
@@ -34,6 +35,7 @@ from tests.tensorrt_api import (
     python_names_in_wheel,
     sha256,
     tensorrt_modules,
+    tensorrt_rtx_modules,
     used_names,
 )
 
@@ -176,3 +178,41 @@ def test_polygraphy_check_catches_a_wrong_keyword(tmp_path):
     calls = polygraphy_calls([source])
     rejected = {(c.target, k) for c in calls for k in c.keywords if k not in _accepted_keywords(c.target)}
     assert rejected == {("Profile.add", "maximum"), ("CreateConfig", "optimisation_level")}
+
+
+# TensorRT-RTX installs for real (tensorrt-rtx, module tensorrt_rtx): its names are read from the
+# installed module itself, not from lists.
+
+
+def test_collector_finds_the_code_tensorrt_rtx_runs():
+    modules = {p.relative_to(ROOT).as_posix() for p in tensorrt_rtx_modules()}
+    assert {"engines/tensorrt_rtx_build.py", "runtime/tensorrt_rtx.py", "runtime/tensorrt_backend.py",
+            "engines/tensorrt_build.py"} <= modules, modules
+    usage = used_names([ROOT / m for m in modules])
+    assert usage.problems == []
+    expected = {"num_compute_capabilities", "set_compute_capability", "SM120", "SM86", "build_serialized_network",
+                "create_runtime_config", "create_runtime_cache", "set_runtime_cache", "EAGER", "DISABLED",
+                "get_engine_validity", "engine_header_size", "execute_async_v3", "set_shape", "TF32", "log"}
+    assert expected <= usage.all(), f"collector missed {sorted(expected - usage.all())}"
+
+
+def test_installed_tensorrt_rtx_has_the_names_we_use():
+    pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx is not installed (pip install -e '.[rtx]')")
+    version, names = installed_tensorrt_rtx_names()
+    usage = used_names(tensorrt_rtx_modules())
+    absent = missing({**usage.required, **usage.optional}, names)
+    assert not absent, f"the installed TensorRT-RTX {version} lacks names our code uses:\n{describe(absent)}"
+
+
+def test_tensorrt_rtx_check_catches_a_wrong_name(tmp_path):
+    pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx is not installed (pip install -e '.[rtx]')")
+    source = tmp_path / "snippet.py"
+    source.write_text(
+        "import tensorrt_rtx as trt\n"
+        "config.set_compute_capabilities([trt.ComputeCapability.SM120])\n"
+        "runtime_config.dynamic_shapes_kernel_specialization_strategy = "
+        "trt.DynamicShapesKernelSpecializationStrategy.EAGERLY\n"
+        "config.set_flag(trt.BuilderFlag.FP16)\n"
+    )
+    _, names = installed_tensorrt_rtx_names()
+    assert set(missing(used_names([source]).required, names)) == {"set_compute_capabilities", "EAGERLY", "FP16"}

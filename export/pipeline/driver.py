@@ -12,11 +12,12 @@ from engines.profiles import Profile
 from export.onnx.components import COMPONENTS, Models
 
 from .checkset import MakeCheckSet
-from .engine import BuildEngine, EngineHost
+from .engine import BuildEngine, EngineHost, engine_flavour
 from .errors import BuildError
 from .folder import ArtifactFolder
 from .gate import GatePass, check_calibration_fits_engines
 from .graph import ExportGraph, GraphArtifact, toolkit_facts
+from .lock import BuildLock
 from .manifest import WriteManifest
 from .profiles import DeriveProfiles, check_range
 from .progress import StageLog
@@ -30,24 +31,34 @@ def check_settings(settings: BuildSettings) -> None:
     check_range(settings.target)
     for component in settings.components:
         settings.target.check_precision(settings.precision_of(component))
+    engine_flavour(settings.engine_flavour, settings.target)
     if settings.precision in QUANTIZED_PRECISIONS and not set(PASS_COMPONENTS) <= set(settings.components):
         raise BuildError(f"{settings.precision} builds quantize cond_encoder and unet together (the accuracy gate "
                          "runs the whole pass): add both to --components")
 
 
 def build_artifacts(models: Models, settings: BuildSettings, out: Path,
-                    log: Callable[[str], object] = print) -> Manifest:
-    """Run every stage into ``out``; the manifest is written last, only if all stages succeeded."""
+                    log: Callable[[str], object] = print, wait: bool = True) -> Manifest:
+    """Run every stage into ``out``; the manifest is written last, only if all stages succeeded.
+
+    One build per folder at a time (``BuildLock``): another build's hold on ``out`` is waited for,
+    or with ``wait=False`` refused (``FolderBusyError``). A failed build that made ``out`` removes it.
+    """
     check_settings(settings)
-    host = EngineHost.detect(settings.target)
+    host = EngineHost.detect(settings.target, engine_flavour(settings.engine_flavour, settings.target))
     if settings.require_engines and host.blocker:
         raise BuildError(f"--require-engines: engines cannot be built here: {host.blocker}")
-    if not host.blocker:
+    if host.runs_engines_for(settings.target):
         check_calibration_fits_engines(settings)
-    folder, progress = ArtifactFolder(out), StageLog(log)
     digests = weight_digests(models, settings.components)
     toolkit = toolkit_facts(__name__)  # the whole build's source, for the manifest
-    out.mkdir(parents=True, exist_ok=True)
+    with BuildLock(out, wait=wait, log=log):  # held until the manifest is written and the old files gone
+        return _build_locked(models, settings, out, log, host, digests, toolkit)
+
+
+def _build_locked(models: Models, settings: BuildSettings, out: Path, log: Callable[[str], object],
+                  host: EngineHost, digests: dict[str, str], toolkit: dict) -> Manifest:
+    folder, progress = ArtifactFolder(out), StageLog(log)  # the manifest read under the lock
     folder.clean_leftovers()  # of a build that was killed
     started = time.perf_counter()
     try:
@@ -63,9 +74,9 @@ def build_artifacts(models: Models, settings: BuildSettings, out: Path,
             graph = graph or ExportGraph(name, precision, models, digests[COMPONENTS[name].needs], folder, progress)()
             profiles, estimates = DeriveProfiles(name, models, settings, progress)(out / graph.file)
             engine = BuildEngine(name, precision, settings.target, settings.options, host, folder, progress)(
-                graph.file, graph.sha256, profiles)
+                graph.file, graph.sha256, profiles, estimates)
             records[name] = _record(name, precision, graph, profiles, estimates, engine)
-        accuracy = GatePass(models, settings, folder, progress)(records, quantized.accuracy if quantized else None)
+        accuracy = GatePass(models, settings, host, folder, progress)(records, quantized.accuracy if quantized else None)
         check_set = MakeCheckSet(models, settings, digests, folder, progress)(records)
     except BaseException:  # Ctrl-C included: the folder stays as its manifest says
         folder.clean_leftovers()

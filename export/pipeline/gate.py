@@ -15,6 +15,7 @@ from calib.accuracy import graphs_run, measure
 from engines.manifest import ComponentRecord
 from export.onnx.components import COMPONENTS, Models
 
+from .engine import EngineHost
 from .errors import BuildError
 from .folder import ArtifactFolder
 from .profiles import PIXELS_PER_LATENT, latent_ranges
@@ -23,7 +24,7 @@ from .settings import PASS_COMPONENTS, BuildSettings
 
 CPU_GATE_PRECISIONS = ("fp32", "fp16")  # what ONNX Runtime's CPU provider runs
 GATED_GRAPHS = "onnx graphs on onnxruntime (cpu)"
-GATED_ENGINES = "tensorrt engines (the runtime's tensorrt backend)"
+GATED_ENGINES = "engines (the runtime's tensorrt backend)"
 
 
 def check_calibration_fits_engines(settings: BuildSettings) -> None:
@@ -48,14 +49,18 @@ class GatePass:
     pass components are not built). Raises ``BuildError``, after deleting what this build wrote,
     when the engines fail."""
 
-    def __init__(self, models: Models, settings: BuildSettings, folder: ArtifactFolder, progress: StageLog):
-        self.models, self.settings, self.folder, self.progress = models, settings, folder, progress
+    def __init__(self, models: Models, settings: BuildSettings, host: EngineHost, folder: ArtifactFolder,
+                 progress: StageLog):
+        self.models, self.settings, self.host, self.folder, self.progress = models, settings, host, folder, progress
 
     def __call__(self, records: dict[str, ComponentRecord], graphs_accuracy: dict | None) -> dict | None:
         if not set(PASS_COMPONENTS) <= set(records):
             return graphs_accuracy
-        if all(records[c].engine.built for c in PASS_COMPONENTS):
+        built = all(records[c].engine.built for c in PASS_COMPONENTS)
+        if built and self.host.runs_engines_for(self.settings.target):
             return self._gate_engines(records, graphs_accuracy)
+        # Engines built ahead of time (TensorRT-RTX without the target GPU) are checked on the
+        # target at first load, by the check set; here the graphs they were built from are gated.
         if graphs_accuracy is not None:
             return graphs_accuracy
         precision = self.settings.precision
@@ -82,7 +87,7 @@ class GatePass:
         start = time.perf_counter()
         engines = {c: (self.folder.out / records[c].engine.file, records[c].profiles) for c in PASS_COMPONENTS}
         try:
-            backend = TensorRTBackend(engines, torch.device("cuda", 0))
+            backend = TensorRTBackend(engines, torch.device("cuda", 0), flavour=self.host.flavour.name)
             try:
                 report = measure(backend.run, self.models.unet, calibration, precision, decoder=self._decoder(),
                                  seed=self.settings.seed, device=backend.device)

@@ -51,6 +51,7 @@ class WriteManifest:
         report = {
             "target": settings.target.describe(),
             "total_seconds": round(time.perf_counter() - started, 1),
+            "engine_flavour": self.host.flavour.name,
             "tensorrt_version": self.host.trt_version,
             "engines_blocked_by": self.host.blocker,
             "stages": self.progress.stages,

@@ -31,6 +31,7 @@ class BuildSettings:
     calibration: CalibrationSet | None = None  # None: the seeded fallback, made when first needed
     keep: tuple[str, ...] = DEFAULT_KEEP
     seed: int = 0  # of the accuracy gate's pass noise
+    engine_flavour: str | None = None  # engines.flavours name; None: the target's default
 
     def calibration_set(self) -> CalibrationSet:
         if self.calibration is None:
