@@ -11,6 +11,11 @@ Decided here rather than left to defaults:
   graph (an fp32 VAE, the float islands of fp8 graphs) would silently run in TF32. The manifest
   records the choice.
 - One compute capability per engine, the target's; the runtime refuses any other GPU.
+- User allocation required (``REQUIRE_USER_ALLOCATION``): without it, a profile too large for
+  static allocation silently switches to run-time tensor allocation: the builder then reports a
+  tiny activation figure (8 MB for a profile that needs 17 GB), the engine allocates during
+  ``execute_async_v3`` outside the runtime's scratch buffer, and CUDA graph capture fails. With
+  it, the figure is the real one and every launch runs in the scratch memory the runtime gives.
 - Memory as the builder reports it: it logs "Total Activation Memory: N bytes" once per
   optimisation profile, in profile order, and "Total Weights Memory". Without a GPU the engine
   cannot be deserialised to ask it, so those lines are the figures; a count that does not match
@@ -37,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 _ACTIVATION = re.compile(r"Total Activation Memory: (\d+) bytes")
 _WEIGHTS = re.compile(r"Total Weights Memory: (\d+) bytes")
+_RUNTIME_ALLOCATION = "Runtime Tensor Allocation"
 
 
 def _compute_capability(trt, capability: tuple[int, int]):
@@ -112,7 +118,9 @@ def build_rtx_engine(
         raise EngineBuildError(f"TensorRT-RTX could not parse the {component} graph {onnx_path}:\n{errors}")
     config = builder.create_builder_config()
     config.num_compute_capabilities = 1  # set before the capability itself (the API's order)
-    config.set_compute_capability(_compute_capability(trt, compute_capability), 0)
+    if not config.set_compute_capability(_compute_capability(trt, compute_capability), 0):
+        raise EngineBuildError("TensorRT-RTX refused compute capability %d.%d for %s" % (*compute_capability, component))
+    config.set_flag(trt.BuilderFlag.REQUIRE_USER_ALLOCATION)
     if not options.tf32:
         config.clear_flag(trt.BuilderFlag.TF32)
     config.builder_optimization_level = options.optimization_level
@@ -128,6 +136,9 @@ def build_rtx_engine(
     if serialized is None:
         errors = "\n".join(line for line in log.lines if "error" in line.lower())[-2000:]
         raise EngineBuildError(f"TensorRT-RTX could not build {component}:\n{errors or '(no error logged)'}")
+    if any(_RUNTIME_ALLOCATION in line for line in log.lines):  # the flag above should rule it out
+        raise EngineBuildError(f"TensorRT-RTX built {component} with run-time tensor allocation, which the runtime "
+                               "cannot give scratch memory or capture; build a smaller range (--max-px, --max-batch)")
     engine_bytes = bytes(serialized)
     seconds = time.perf_counter() - start
     facts = memory_figures(log.lines, len(profiles), component)

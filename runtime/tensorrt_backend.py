@@ -66,6 +66,7 @@ class _Launch:
     static_inputs: Tensors | None = None
     graph: torch.cuda.CUDAGraph | None = None
     capture_failed: bool = False
+    cache_saved: bool = False  # TensorRT-RTX: this shape's compiled kernels were offered to the runtime cache
 
     def buffer_bytes(self) -> int:
         tensors = [*self.outputs.values(), *(self.static_inputs or {}).values()]
@@ -92,6 +93,11 @@ class _ClassicRunSettings:
 
     def create_context(self, engine):
         return engine.create_execution_context(self._trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+
+    @staticmethod
+    def capturable(context, stream: int) -> bool:
+        """TensorRT 10/11 cannot say; a failed capture is handled where it happens."""
+        return True
 
     def save_cache(self) -> None:
         pass
@@ -385,6 +391,11 @@ class TensorRTBackend(Backend):
                     launch.static_inputs[name].copy_(tensor)
                 launch.graph.replay()
                 return launch.outputs
+            if self._cuda_graphs and launch.runs >= 2 and not launch.capture_failed and not state.run_settings.capturable(
+                    launch.context, self._stream.stream.cuda_stream):
+                launch.capture_failed = True
+                logger.info("%s at %s cannot be captured in a CUDA graph (TensorRT-RTX says so): plain launches",
+                            component, tuple(inputs[n].shape for n in inputs))
             if self._cuda_graphs and launch.runs >= 2 and not launch.capture_failed:
                 if launch.static_inputs is None:
                     with torch.inference_mode(False):  # copied into on every replay, in either mode
@@ -395,8 +406,9 @@ class TensorRTBackend(Backend):
             for name, tensor in inputs.items():
                 self._address(launch.context, component, name, tensor)
             self._execute(component, launch)  # also flushes TensorRT's deferred updates before a capture
-            if launch.runs == 1:  # TensorRT-RTX compiled this shape's kernels: keep them for the next load
+            if not launch.cache_saved:  # TensorRT-RTX compiled this shape's kernels: keep them for the next load
                 state.run_settings.save_cache()
+                launch.cache_saved = True
             if inputs is launch.static_inputs:
                 self._capture(component, launch)
             return launch.outputs

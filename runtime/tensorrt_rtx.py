@@ -49,6 +49,9 @@ def plan_problem(trt, runtime, plan: bytes) -> str | None:
     if len(plan) < size:
         return f"the file is {len(plan)} bytes, shorter than an engine header ({size})"
     validity, diagnostics = runtime.get_engine_validity(plan[:size])
+    if validity == trt.EngineValidity.SUBOPTIMAL:
+        logger.warning("TensorRT-RTX says this engine runs here but suboptimally (diagnostics %d); rebuilding it "
+                       "for this GPU and driver may be faster", int(diagnostics))
     if validity != trt.EngineValidity.INVALID:
         return None
     reasons = {
@@ -106,6 +109,11 @@ class RtxRunSettings:
 
     def create_context(self, engine):
         return engine.create_execution_context(self.runtime_config)
+
+    @staticmethod
+    def capturable(context, stream: int) -> bool:
+        """Whether TensorRT-RTX says this context's launch can be recorded in a CUDA graph."""
+        return bool(context.is_stream_capturable(stream))
 
     def save_cache(self) -> None:
         """Write the runtime cache if it grew since it was loaded or last saved (a new shape compiled)."""

@@ -249,16 +249,41 @@ def test_an_engine_over_the_budget_is_refused_before_the_manifest(rtx5090_folder
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
 
 
-def test_main_command_without_a_gpu_ends_with_engines_built(tmp_path, capsys):
-    out = tmp_path / "art"
-    code = build_main(["--target", "rtx5090", "--random-weights", "--components", "cond_encoder",
-                       "--min-px", "512", "--max-px", "1024", "--out", str(out)])
-    printed = capsys.readouterr().out
-    assert code == 0, printed
+@pytest.fixture(scope="module")
+def main_build(tmp_path_factory) -> tuple[Path, str]:
+    """The main command for the full-size encoder (its ONNX export takes seconds), as a user runs it."""
+    import contextlib
+    import io
+
+    out = tmp_path_factory.mktemp("main") / "art"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = build_main(["--target", "rtx5090", "--random-weights", "--components", "cond_encoder",
+                           "--min-px", "512", "--max-px", "1024", "--out", str(out)])
+    assert code == 0, printed.getvalue()
+    return out, printed.getvalue()
+
+
+def test_main_command_without_a_gpu_ends_with_engines_built(main_build):
+    out, printed = main_build
     assert f"engines: TensorRT-RTX {trt.__version__}" in printed and "engines not built" not in printed
     record = load_manifest(out).components["cond_encoder"].engine
     assert record.built and f"{record.file}: " in printed and "cond_encoder:64 " in printed
     assert "python -m runtime.check" in printed
+
+
+def test_a_profile_too_large_for_static_allocation_reports_its_real_memory(main_build, tmp_path):
+    """Without REQUIRE_USER_ALLOCATION the builder falls back to run-time allocation for huge
+    profiles and reports a few MB; the engine would allocate outside the runtime's scratch."""
+    out, _ = main_build
+    record = load_manifest(out).components["cond_encoder"]
+    side = 4096
+    shapes = {"latents_small": (1, 32, side, side), "timestep": (1,)}
+    huge = Profile("cond_encoder:4096", record.profiles[0].min, shapes, shapes)
+    facts = build_rtx_engine("cond_encoder", out / record.onnx_file, [huge], (12, 0), BuildOptions(),
+                             tmp_path / "huge.plan", report=lambda line: None)
+    one_feature_map = 384 * side * side * 2  # the encoder's 384-channel fp16 map at the input size
+    assert facts["activation_bytes_per_profile"][0] >= one_feature_map
 
 
 @pytest.mark.parametrize("argv, message", [
