@@ -9,7 +9,10 @@ an answer of the wrong shape is counted, the run goes on).
 
 The server is either started here from ``--artifacts`` on free loopback ports (the time from start
 to ready is reported; it is stopped at the end, also on errors and Ctrl-C), or a running one
-(``--url``). The clients run on the same machine as a server started here and share its cores.
+(``--url``). Before measuring, one request goes through it as ``runtime.serve``'s ready check: a
+server started here must answer it equal to ``Upscaler`` on the same folder and backend, a running
+one with a finite ``upscaled`` tensor of the right type and shape; else the run stops with what
+came back. The clients run on the same machine as a server started here and share its cores.
 The input size comes from the folder's manifest: its smallest admitted side by default.
 """
 
@@ -36,14 +39,16 @@ from engines.manifest import Manifest, load_manifest
 from engines.profiles import admitting_profile
 from runtime.latents import LATENT_CHANNELS, SCALES
 from runtime.serve import DEVICES
+from runtime.serving.ready import ReadyCheck
 from runtime.serving.repository import (
     MODEL_NAME,
     ServedModel,
     folder_max_batch,
+    largest_request_bytes,
     write_repository,
 )
 from runtime.serving.requests import LATENTS, SCALE, SEED, UPSCALED
-from runtime.serving.server import Ports, TritonServer
+from runtime.serving.server import Ports, TritonServer, http_stack_bytes
 from runtime.upscaler import BACKENDS, PIXELS_PER_LATENT, pass_inputs
 
 from .latency import machine_facts, write_report
@@ -284,6 +289,7 @@ def run_benchmark(args: argparse.Namespace, log=print) -> dict:
             log(f"note: the server serves {server['artifacts']}; sizes are taken from {args.artifacts} (give the same folder or a copy)")
         if args.batch > server["max_batch"]:
             raise ServingBenchmarkError(f"--batch {args.batch} is more than the server's max batch: 1..{server['max_batch']}")
+        _ready_check(ReadyCheck.shapes_only(admitted_sides(manifest, 2, 1)[0]), url, args.request_timeout_s, log)
         rows = run_rows(args, url, side, log)
     else:
         model = served_model(args)
@@ -295,10 +301,13 @@ def run_benchmark(args: argparse.Namespace, log=print) -> dict:
                 if "flow_upscaler ready" in line and " backend " in line:
                     resolved["backend"] = line.split(" backend ", 1)[1].split()[0]
 
+        check = ReadyCheck.against_upscaler(model)
         log(f"starting Triton with {model.artifacts} (backend {model.backend}, {'GPU' if model.gpu else 'CPU'}, "
             f"{model.instances} instance(s), max batch {model.max_batch}, max queue delay {model.max_queue_delay_us} us)...")
         with tempfile.TemporaryDirectory(prefix="flow-upscaler-bench-repository-") as scratch:
-            triton = TritonServer(write_repository(Path(scratch), model).parent, "127.0.0.1", Ports.free(), echo=echo)
+            stack = http_stack_bytes(largest_request_bytes(model.artifacts, model.max_batch))
+            triton = TritonServer(write_repository(Path(scratch), model).parent, "127.0.0.1", Ports.free(), echo=echo,
+                                  stack_bytes=stack)
             try:
                 begin = time.perf_counter()
                 triton.start()
@@ -306,6 +315,7 @@ def run_benchmark(args: argparse.Namespace, log=print) -> dict:
                 startup_s = time.perf_counter() - begin
                 log(f"ready in {startup_s:.1f} s at {triton.url}")
                 url = triton.address
+                _ready_check(check, url, args.request_timeout_s, log)
                 server = {**server_facts(url, args.request_timeout_s), "url": url, "backend_resolved": resolved.get("backend")}
                 rows = run_rows(args, url, side, log)
             finally:
@@ -318,6 +328,15 @@ def run_benchmark(args: argparse.Namespace, log=print) -> dict:
         **size, "scale": args.scale, "batch": args.batch, "warmup": args.warmup,
         "requests_per_client": args.requests, "rows": rows, "schema_version": 1,
     }
+
+
+def _ready_check(check: ReadyCheck, url: str, timeout_s: float, log) -> None:
+    """The server answers one request right before anything is measured (``runtime.serve``'s check)."""
+    try:
+        check.run(url, timeout_s)
+    except FlowUpscalerError as exc:
+        raise ServingBenchmarkError(f"not measured: {exc}") from None
+    log(f"checked: {check.describe()}")
 
 
 def _fmt(value: float | None, spec: str) -> str:

@@ -3,9 +3,11 @@ Triton Inference Server (KServe v2 HTTP and gRPC, dynamic batching, metrics), or
 repository for a stock Triton server (``--write-repository``).
 
 Everything that can be refused is refused before the server starts (folder, ports, batch size).
-The server is ready only once every model instance loaded the folder and ran one warm-up pass.
-SIGTERM or SIGINT stops it: Triton finishes in-flight requests (within ``--exit-timeout``), then
-the command exits 0.
+The server is ready only once every model instance loaded the folder and ran one warm-up pass, and
+one real request through it came back equal to ``Upscaler``'s answer (``serving.ready``). SIGTERM
+or SIGINT stops it: Triton finishes in-flight requests (within ``--exit-timeout``), then the
+command exits 0. A server that fails, crashes or answers wrongly is stopped, and the command exits 1
+saying why.
 """
 
 from __future__ import annotations
@@ -24,9 +26,21 @@ from .noise import NOISE_MODES
 from .serving.repository import (
     MODEL_NAME,
     ServedModel,
+    largest_request_bytes,
     write_repository,
 )
-from .serving.server import EXIT_TIMEOUT_S, Ports, ServeError, TritonServer, scratch_dir
+from .serving.ready import ReadyCheck
+from .serving.server import (
+    EXIT_TIMEOUT_S,
+    Ports,
+    ServeError,
+    TritonServer,
+    check_ports_free,
+    http_body_limit,
+    http_stack_bytes,
+    is_loopback,
+    scratch_dir,
+)
 from .upscaler import BACKENDS, InvalidArgumentError
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -54,7 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
         "machine has one, else cpu",
     )
     parser.add_argument("--noise", choices=NOISE_MODES, default="auto", help="noise mode of the upscalers (see Upscaler.load)")
-    parser.add_argument("--host", default="0.0.0.0", help="address the endpoints listen on (default: all; 127.0.0.1: this machine only)")
+    parser.add_argument(
+        "--host", default="127.0.0.1",
+        help="address the endpoints listen on (default: 127.0.0.1, this machine only; 0.0.0.0: all, see README on "
+        "public deployments: an HTTP JSON request can abort the bundled Triton)",
+    )
     parser.add_argument("--http-port", type=PORT, default=8000)
     parser.add_argument("--grpc-port", type=PORT, default=8001)
     parser.add_argument("--metrics-port", type=PORT, default=8002, help="Prometheus metrics at /metrics")
@@ -103,28 +121,44 @@ def _raise_stop(signum: int, frame: object) -> None:
 
 
 def serve(model: ServedModel, host: str, ports: Ports, ready_timeout: float, exit_timeout: int, verbose: bool) -> int:
-    """Serve until SIGTERM/SIGINT (exit 0) or until the server fails (``ServeError``)."""
-    signals = (signal.SIGTERM, signal.SIGINT)
-    previous = {number: signal.signal(number, _raise_stop) for number in signals}
+    """Serve until SIGTERM/SIGINT (exit 0) or until the server fails, crashes or answers the ready
+    check wrongly (``ServeError``; the server is stopped)."""
     kind = "GPU" if model.gpu else "CPU"
+    if not is_loopback(host):
+        print(f"warning: --host {host} lets other machines reach the server, and the bundled Triton 2.51 dies on HTTP "
+              "requests anyone can send (a JSON request that declares a huge shape; a body over the size below); let "
+              "untrusted clients reach gRPC only, or only through a gateway (README: Serving)", flush=True)
+    check_ports_free(host, ports)  # the cheap refusals first: the ready check's answer takes a load of the folder
     print(f"{MODEL_NAME}: serving {model.artifacts} with backend {model.backend} on {kind} ({model.instances} "
-          f"instance(s), max batch {model.max_batch}); starting Triton...", flush=True)
+          f"instance(s), max batch {model.max_batch}); computing the ready check's answer...", flush=True)
+    check = ReadyCheck.against_upscaler(model)  # before Triton: never two copies of the folder on a GPU
+    stack = http_stack_bytes(largest_request_bytes(model.artifacts, model.max_batch))
+    print(f"starting Triton (HTTP request bodies up to {http_body_limit(stack) / 1e6:.0f} MB: a larger one crashes "
+          "Triton 2.51; gRPC takes any)...", flush=True)
     scratch = scratch_dir("repository")
     try:
         repository = write_repository(scratch, model).parent
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
-    server = TritonServer(repository, host, ports, echo=_Echo(verbose), exit_timeout_s=exit_timeout)
+    server = TritonServer(repository, host, ports, echo=_Echo(verbose), exit_timeout_s=exit_timeout, stack_bytes=stack)
+    signals = (signal.SIGTERM, signal.SIGINT)
+    previous = {number: signal.signal(number, _raise_stop) for number in signals}
     stopped_by = None
     try:
         server.start()
-        seconds = server.wait_ready(ready_timeout)
-        print(f"ready in {seconds:.1f} s: HTTP {server.url}/v2/models/{MODEL_NAME}, gRPC {host}:{ports.grpc}, "
-              f"metrics http://{host}:{ports.metrics}/metrics (SIGTERM or Ctrl-C stops)", flush=True)
+        server.wait_ready(ready_timeout)
+        try:
+            check.run(server.address, ready_timeout)
+        except ServeError as exc:
+            raise ServeError(f"stopped the started server: {exc}") from None
+        seconds = time.monotonic() - server.started
+        print(f"ready in {seconds:.1f} s ({check.describe()}): HTTP {server.url}/v2/models/{MODEL_NAME}, gRPC "
+              f"{host}:{ports.grpc}, metrics http://{host}:{ports.metrics}/metrics (SIGTERM or Ctrl-C stops)", flush=True)
         while server.process.poll() is None:
             time.sleep(0.5)
-        raise ServeError(f"the Triton server exited unexpectedly (code {server.process.returncode}): {server.failure()}")
+        server.wait_log()
+        raise ServeError(f"the Triton server stopped while serving: {server.failure()}")
     except _StopRequested as stop:
         stopped_by = str(stop)
         print(f"stopping ({stopped_by}): Triton finishes in-flight requests, up to {exit_timeout} s "

@@ -139,9 +139,15 @@ def _run_group(upscaler: Upscaler, members: list[_Checked]) -> list[Result | Flo
         return [answer for member in members for answer in _run_group(upscaler, [member])]
 
 
+def smallest_side(upscaler: Upscaler) -> int:
+    """The smallest low-res latent side the folder takes (square, batch 1, 2x): the warm-up's and
+    the ready check's size."""
+    return min(min(p.min["latents_small"][2:]) for p in upscaler.manifest.components["cond_encoder"].profiles)
+
+
 def warm_up(upscaler: Upscaler) -> None:
     """One 2x pass at the smallest size the folder takes, so the first request is not the one that
     pays for lazy initialisation (and a folder that cannot run fails before the server is ready)."""
-    side = min(min(p.min["latents_small"][2:]) for p in upscaler.manifest.components["cond_encoder"].profiles)
+    side = smallest_side(upscaler)
     latents = torch.zeros(1, LATENT_CHANNELS, side, side, device=upscaler.device)
     upscaler.upscale(latents, scale=2, seed=0)

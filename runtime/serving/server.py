@@ -13,8 +13,11 @@ from __future__ import annotations
 import collections
 import ctypes
 import errno
+import ipaddress
 import logging
 import os
+import re
+import resource
 import shutil
 import signal
 import socket
@@ -41,6 +44,12 @@ SERVE_EXTRA = "install the serving extra: pip install -e '.[serve]' (nvidia-pytr
 # too), then in-flight requests, then unloads; past it, it exits 1 at once.
 EXIT_TIMEOUT_S = 10
 _PR_SET_PDEATHSIG = 1
+# Triton 2.51's HTTP frontend overflows a thread's stack on a request body of about half the stack
+# and dies (SIGSEGV), binary tensors or JSON alike (measured: an 8 MiB stack, the usual default,
+# passes 4 MB and crashes on 5 MB; 64 MiB passes 24 MB and crashed on 30 MB once, 36 MB always).
+# Its threads get the stack limit the server starts with, so it starts with at least this much
+# (address space, not memory: Triton runs ~60 threads). gRPC has no such limit.
+STACK_FLOOR_BYTES = 64 * 2**20
 
 
 class ServeError(FlowUpscalerError, RuntimeError):
@@ -111,6 +120,15 @@ def check_ports_free(host: str, ports: Ports) -> None:
                 raise ServeError(f"cannot listen on {host} port {port} ({exc.strerror}); check --host and {flag}") from None
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only (127.0.0.0/8, ::1, localhost)."""
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)}
+    except socket.gaierror:
+        return False
+    return all(ipaddress.ip_address(address.split("%")[0]).is_loopback for address in addresses)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port nothing listens on now (for tests and benchmarks)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
@@ -141,7 +159,12 @@ class BundledTriton:
             raise ServeError(f"the Triton server is not installed; {SERVE_EXTRA}") from None
         version = f"{sys.version_info[0]}.{sys.version_info[1]}"
         root = get_root_module_path() / "tritonserver"
-        found = cls(root / "bin" / "tritonserver", Path(get_libs_path()), root / "backends" / "python", Path(get_stub_path(version)))
+        # the wheel's libraries sit beside the package (nvidia_pytriton.libs); pytriton takes a package
+        # outside this environment's site folders (one this environment imports by a .pth) for an
+        # editable install and names its source tree's folder instead
+        libraries = next((p for p in (root.parents[1] / "nvidia_pytriton.libs", Path(get_libs_path())) if p.is_dir()),
+                         Path(get_libs_path()))
+        found = cls(root / "bin" / "tritonserver", libraries, root / "backends" / "python", Path(get_stub_path(version)))
         if not found.stub.is_file():
             raise ServeError(
                 f"the bundled Triton has no Python backend for Python {version} (it has "
@@ -163,9 +186,11 @@ class BundledTriton:
         (python / "triton_python_backend_stub").symlink_to(self.stub)
         return python.parent
 
-    def environment(self) -> dict[str, str]:
-        """The server's libraries, and this interpreter's libpython for the Python backend's stub
-        (without it the stub may load the system's libpython instead)."""
+    def environment(self, python_folder: Path) -> dict[str, str]:
+        """The server's libraries, this interpreter's libpython for the Python backend's stub
+        (without it the stub may load the system's libpython instead), and ``python_folder`` first
+        on PATH: the stub's embedded Python takes its environment (``sys.prefix``, so numpy and
+        every package it imports) from the first ``python3`` on PATH, not from this process."""
         if not sysconfig.get_config_var("Py_ENABLE_SHARED"):
             raise ServeError(
                 f"this Python ({sys.executable}) has no shared libpython, which Triton's Python backend "
@@ -177,18 +202,73 @@ class BundledTriton:
         if env.get("LD_LIBRARY_PATH"):
             folders.append(env["LD_LIBRARY_PATH"])
         env["LD_LIBRARY_PATH"] = os.pathsep.join(folders)
+        env["PATH"] = os.pathsep.join([str(python_folder), *[p for p in env.get("PATH", "").split(os.pathsep) if p]])
         return env
 
 
-def _parent_death_signal() -> Callable[[], None] | None:
-    """A function for the child, between fork and exec, that asks Linux for SIGTERM when the
-    launching process dies (even by SIGKILL), so no server outlives it. ``prctl`` is looked up
-    here, in the parent: the child then makes one system call and loads nothing."""
+def python_folder(workspace: Path) -> Path:
+    """A folder whose ``python3`` is this interpreter in this environment, for the front of the
+    server's PATH (as pytriton does it): a virtual environment's ``bin`` (its ``pyvenv.cfg`` makes
+    the prefix), else this installation's ``bin`` if its ``python3`` is this interpreter, else a
+    link to this interpreter in ``workspace``. Without it a service (no activated environment)
+    gets whatever ``python3`` PATH has: another Python's numpy (2.x, which the bundled stub was
+    not built for: every output comes back empty) or no packages at all."""
+    if sys.prefix != sys.base_prefix:
+        folder = Path(sys.prefix) / "bin"
+        if not (folder / "python3").is_file():
+            raise ServeError(
+                f"the virtual environment {sys.prefix} has no bin/python3, which Triton's Python backend "
+                "starts; recreate it with python3 -m venv"
+            )
+        return folder
+    installed = Path(sys.exec_prefix) / "bin" / "python3"
+    if installed.is_file() and os.path.realpath(installed) == os.path.realpath(sys.executable):
+        return installed.parent
+    folder = workspace / "python"
+    folder.mkdir()
+    (folder / "python3").symlink_to(os.path.realpath(sys.executable))
+    return folder
+
+
+def http_stack_bytes(max_request_bytes: int = 0) -> int:
+    """The stack limit for Triton under which its HTTP frontend takes bodies of ``max_request_bytes``
+    (three times that, and 16 MiB for the JSON header and the frontend's own frames), at least
+    ``STACK_FLOOR_BYTES``, in whole MiB."""
+    need = 3 * max_request_bytes + 16 * 2**20
+    return max(STACK_FLOOR_BYTES, -(-need // 2**20) * 2**20)
+
+
+def http_body_limit(stack_bytes: int) -> int:
+    """The largest HTTP request body Triton takes under ``stack_bytes`` (the inverse of ``http_stack_bytes``)."""
+    return (stack_bytes - 16 * 2**20) // 3
+
+
+def _stack_limit(stack_bytes: int) -> tuple[int, int]:
+    """RLIMIT_STACK for the server: ``stack_bytes`` or this process's limit if larger, within the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_STACK)
+    wanted = stack_bytes if soft == resource.RLIM_INFINITY else max(soft, stack_bytes)
+    if hard != resource.RLIM_INFINITY and wanted > hard:
+        logger.warning("Triton's stack limit stays at the hard limit %d bytes (%d wanted): HTTP bodies over about "
+                       "half of it crash Triton; raise it with ulimit -Hs", hard, wanted)
+        wanted = hard
+    return wanted, hard
+
+
+def _child_setup(stack: tuple[int, int]) -> Callable[[], None]:
+    """A function for the child, between fork and exec: the stack limit (``http_stack_bytes``), and
+    SIGTERM from Linux when the launching process dies (even by SIGKILL), so no server outlives it.
+    ``prctl`` is looked up here, in the parent: the child then makes two system calls and loads nothing."""
     try:
         prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):  # not Linux: the server is stopped by stop() only
-        return None
-    return lambda: prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        prctl = None
+
+    def setup() -> None:
+        resource.setrlimit(resource.RLIMIT_STACK, stack)
+        if prctl is not None:
+            prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+    return setup
 
 
 class TritonServer:
@@ -197,14 +277,17 @@ class TritonServer:
     def __init__(
         self,
         repository: Path,
-        host: str = "0.0.0.0",
+        host: str = "127.0.0.1",
         ports: Ports = Ports(),
         echo: Callable[[str], None] | None = None,
         log_verbose: int = 0,
         exit_timeout_s: int = EXIT_TIMEOUT_S,
+        stack_bytes: int = STACK_FLOOR_BYTES,
     ):
+        """``stack_bytes``: the server's stack limit, which bounds the HTTP bodies it survives
+        (``http_stack_bytes`` of the largest request)."""
         self.repository, self.host, self.ports, self.echo = Path(repository), host, ports, echo
-        self.log_verbose, self.exit_timeout_s = log_verbose, exit_timeout_s
+        self.log_verbose, self.exit_timeout_s, self.stack_bytes = log_verbose, exit_timeout_s, stack_bytes
         self.process: subprocess.Popen | None = None
         self._workspace: Path | None = None
         self._tail: collections.deque[str] = collections.deque(maxlen=400)
@@ -231,17 +314,26 @@ class TritonServer:
             "--log-verbose", str(self.log_verbose),
         ]
 
+    def environment(self, workspace: Path) -> dict[str, str]:
+        """The server's environment (see ``BundledTriton.environment``)."""
+        return self._bundle.environment(python_folder(workspace))
+
     def start(self) -> None:
         check_ports_free(self.host, self.ports)
         self._bundle = BundledTriton.find()
-        env = self._bundle.environment()
         self._workspace = scratch_dir("triton")
-        command = self.command(self._bundle.backend_directory(self._workspace))
+        try:
+            env = self.environment(self._workspace)
+            command = self.command(self._bundle.backend_directory(self._workspace))
+        except BaseException:
+            shutil.rmtree(self._workspace, ignore_errors=True)
+            self._workspace = None
+            raise
         logger.info("starting %s", " ".join(command))
-        self._started = time.monotonic()
+        self.started = time.monotonic()
         self.process = subprocess.Popen(
             command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, errors="replace", preexec_fn=_parent_death_signal(),  # noqa: PLW1509 - one syscall
+            text=True, errors="replace", preexec_fn=_child_setup(_stack_limit(self.stack_bytes)),  # noqa: PLW1509 - two syscalls
             start_new_session=True,  # its model processes share its group: stop() reaps what it leaves
         )
         self._reader = threading.Thread(target=self._read_log, name="triton-log", daemon=True)
@@ -255,6 +347,11 @@ class TritonServer:
 
     def log_tail(self) -> list[str]:
         return list(self._tail)
+
+    def wait_log(self, timeout_s: float = 1) -> None:
+        """Once Triton exited: wait until its last log lines are read (a crash's come last)."""
+        if self._reader is not None:
+            self._reader.join(timeout=timeout_s)
 
     def is_ready(self) -> bool:
         """Server ready (Triton's strict readiness: every model loaded)."""
@@ -270,23 +367,37 @@ class TritonServer:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                self._reader.join(timeout=5)
+                self.wait_log()
                 raise ServeError(f"the Triton server stopped before it was ready: {self.failure()}")
             if self.is_ready():
-                return time.monotonic() - self._started
+                return time.monotonic() - self.started
             time.sleep(0.2)
         raise ServeError(f"the Triton server was not ready after {timeout_s:.0f} s (model load or warm-up too slow?); "
                          f"raise --ready-timeout. Last log lines: {' | '.join(self.log_tail()[-5:])}")
 
     def failure(self) -> str:
-        """The reason Triton gave for not starting, from its log: the model's load error if any."""
+        """Why Triton stopped, from its exit and its log: a crash by its signal and the lines before
+        the stack trace, else the model's load error if any, else its last error lines."""
+        code = self.process.returncode if self.process is not None else None
+        if code is not None and code < 0:
+            return f"it crashed ({_signal_name(-code)}): {' | '.join(self.crash_lines()) or 'no log lines'}"
         marker = f"failed to load '{MODEL_NAME}' version "
         for line in reversed(self._tail):
             if marker in line:
                 reason = line.split(marker, 1)[1].split(": ", 1)[-1]
                 return reason.split("\\n\\nAt:")[0].replace("\\n", " ").strip('" ')
-        errors = [line for line in self._tail if line.startswith(("error:", "E"))]
-        return " | ".join((errors or self.log_tail())[-3:]) or f"exit code {self.process.returncode}"
+        lines = [line for line in self._tail if not _NOISE.search(line)]
+        errors = [line for line in lines if line.startswith(("error:", "E"))]
+        return " | ".join((errors or lines)[-3:]) or f"exit code {code}"
+
+    def crash_lines(self, count: int = 3) -> list[str]:
+        """The log lines before a crash's stack trace (what Triton said it died of), or the last ones."""
+        lines = list(self._tail)
+        for index in range(len(lines) - 1, -1, -1):
+            if lines[index].startswith("Signal ("):
+                lines = lines[: index + 1]
+                break
+        return [line for line in lines if line.strip() and not _FRAME.match(line) and not _NOISE.search(line)][-count:]
 
     def stop(self) -> int | None:
         """SIGTERM, then SIGKILL if Triton is still there 10 s after its exit timeout; then kills what
@@ -325,6 +436,19 @@ class TritonServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# Lines of Triton's log that say nothing about why it stopped: a stack frame of its crash handler,
+# and what a machine without a GPU or DCGM logs at every start.
+_FRAME = re.compile(r"^\s*\d+# ")
+_NOISE = re.compile(r"NVML|DCGM|CudaDriverHelper|Non-graceful termination")
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return f"{signal.Signals(number).name}, signal {number}"
+    except ValueError:
+        return f"signal {number}"
 
 
 def _reap_group(group: int) -> None:
