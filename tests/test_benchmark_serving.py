@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from benchmarks.serving import Load, ServingBenchmarkError, main, measure, server_facts
+from engines.errors import FlowUpscalerError
 from engines.manifest import load_manifest
+from runtime.serving.ready import ReadyCheck
 from runtime.serving.repository import ServedModel, this_python_path, write_repository
 from runtime.serving.server import Ports, TritonServer, free_port
 
@@ -27,7 +29,9 @@ def test_started_server_rows_per_client_count_then_stopped(small_artifacts, tmp_
         "--artifacts", str(small_artifacts), "--clients", "1,2", "--requests", "3", "--warmup", "1", "--batch", "2",
         "--max-queue-delay-us", "500", "--json", str(paths["json"]), "--markdown", str(paths["md"]),
     ])
-    assert code == 0, capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "checked: one 2x request of 8x8 latents (seed 20251205) answered equal to Upscaler's" in captured.out
     result = json.loads(paths["json"].read_text())
     side = _smallest_input_side(small_artifacts)
     assert (result["latent_side"], result["input_px"], result["output_px"]) == (side, 8 * side, 16 * side)
@@ -65,6 +69,15 @@ def running_server(small_artifacts):
             server.stop()
 
 
+def test_the_ready_check_refuses_an_answer_that_is_not_upscalers(running_server, small_artifacts):
+    """The check the benchmark runs before measuring, against a real answer it does not expect."""
+    right = ReadyCheck.against_upscaler(ServedModel(artifacts=small_artifacts.resolve(), max_batch=4))
+    right.run(running_server.address, 60)
+    wrong = ReadyCheck(right.latents, right.seed, right.expected * 2)
+    with pytest.raises(FlowUpscalerError, match=r"got values that differ from Upscaler's by up to"):
+        wrong.run(running_server.address, 60)
+
+
 def test_failed_requests_are_counted_not_raised(running_server, small_artifacts):
     # a side the folder was not built for: the server refuses every request, the row still comes back
     too_large = 4 * _smallest_input_side(small_artifacts) * 8
@@ -74,11 +87,12 @@ def test_failed_requests_are_counted_not_raised(running_server, small_artifacts)
     assert any("outside what" in sample for sample in row["error_samples"])
 
 
-def test_running_server_by_url(running_server, small_artifacts, tmp_path):
+def test_running_server_by_url(running_server, small_artifacts, tmp_path, capsys):
     out = tmp_path / "serving.json"
     url = running_server.address
     assert main(["--artifacts", str(small_artifacts), "--url", url, "--clients", "1", "--requests", "2", "--warmup", "0",
                  "--json", str(out)]) == 0
+    assert "answered of the right form" in capsys.readouterr().out
     result = json.loads(out.read_text())
     assert result["server"]["url"] == url and not result["server"]["started_here"] and result["server"]["startup_s"] is None
     assert result["rows"][0]["errors"] == 0 and result["rows"][0]["requests"] == 2

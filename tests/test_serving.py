@@ -11,6 +11,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,12 +25,14 @@ httpclient = pytest.importorskip("tritonclient.http", reason="the serving tests'
 from runtime import Upscaler
 from runtime.serving.repository import (
     MODEL_NAME,
+    RepositoryError,
     ServedModel,
     this_python_path,
     write_repository,
 )
 from runtime.serving.requests import Request, Result, serve_batch
 from runtime.serving.server import Ports, ServeError, TritonServer, scratch_dir
+from tests.test_serving_service import service_environment
 
 ROOT = Path(__file__).resolve().parents[1]
 READY_S = 120
@@ -41,9 +44,11 @@ def _ports() -> Ports:
 
 
 def _serve(folder: Path, ports: Ports, *extra: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "runtime.serve", str(folder), "--host", "127.0.0.1",
+    """``python -m runtime.serve`` as a service starts it (see ``test_serving_service``), default host."""
+    command = [sys.executable, "-m", "runtime.serve", str(folder),
                "--http-port", str(ports.http), "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics), *extra]
-    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(command, cwd=ROOT, env=service_environment(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
 
 
 def _wait_line(process: subprocess.Popen, needle: str, timeout_s: float) -> list[str]:
@@ -225,7 +230,7 @@ def test_written_repository_loads_in_the_bundled_server(small_artifacts, upscale
     done = subprocess.run(
         [sys.executable, "-m", "runtime.serve", str(small_artifacts), "--backend", "onnxruntime", "--device", "cpu",
          "--instances", "2", "--write-repository", str(repository), "--copy-artifacts"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+        cwd=ROOT, env=service_environment(), capture_output=True, text=True, timeout=120, check=False,
     )
     assert done.returncode == 0, done.stderr
     config = (repository / MODEL_NAME / "config.pbtxt").read_text()
@@ -243,23 +248,51 @@ def test_written_repository_loads_in_the_bundled_server(small_artifacts, upscale
     assert np.array_equal(got, upscaler.upscale(x, scale=4, seed=77))
 
 
-def test_rewriting_a_repository_replaces_the_model_whole(small_artifacts, tmp_path):
+def test_rewriting_a_repository_replaces_only_its_own_model_whole(small_artifacts, tmp_path):
+    """A model folder this command wrote is replaced whole (its copied folder, Python's __pycache__);
+    one with a file it did not write is refused, naming the file; other entries are never touched."""
     repository = tmp_path / "models"
     (repository / "other_model").mkdir(parents=True)
+    backup = repository / f".{MODEL_NAME}.backup" / "keep.txt"  # a user's, named like a leftover of a write
+    backup.parent.mkdir()
+    backup.write_text("mine")
     model = ServedModel(artifacts=small_artifacts, max_batch=2, python_path=this_python_path())
-    write_repository(repository, model)
-    (repository / MODEL_NAME / "1" / "stale.txt").write_text("from the previous write")
+    write_repository(repository, model, copy_artifacts=True)
+    (repository / MODEL_NAME / "1" / "__pycache__").mkdir()
     write_repository(repository, ServedModel(artifacts=small_artifacts, max_batch=3))
-    assert sorted(p.name for p in repository.iterdir()) == [MODEL_NAME, "other_model"]
-    assert not (repository / MODEL_NAME / "1" / "stale.txt").exists()
+    assert sorted(p.name for p in repository.iterdir()) == [backup.parent.name, MODEL_NAME, "other_model"]
+    assert sorted(p.name for p in (repository / MODEL_NAME / "1").iterdir()) == ["model.py"]
     assert "max_batch_size: 3" in (repository / MODEL_NAME / "config.pbtxt").read_text()
-    with pytest.raises(ServeError.__mro__[1], match="inside the artifact folder"):
+    assert backup.read_text() == "mine"
+    notes = repository / MODEL_NAME / "1" / "notes.txt"
+    notes.write_text("mine too")
+    with pytest.raises(RepositoryError, match=rf"will not replace {repository / MODEL_NAME}: it holds 1/notes.txt, "
+                       "which this command did not write; move it away"):
+        write_repository(repository, model)
+    assert notes.read_text() == "mine too" and backup.read_text() == "mine"
+    with pytest.raises(RepositoryError, match="inside the artifact folder"):
         write_repository(small_artifacts / "repo", model)
 
 
+def test_write_repository_refuses_a_model_folder_it_did_not_write(small_artifacts, tmp_path):
+    """The command on a DIR whose flow_upscaler is the user's: exit 1, one line naming what is there,
+    nothing deleted (also not a user's .flow_upscaler.backup, whose name looks like a leftover)."""
+    repository = tmp_path / "models"
+    notes = repository / MODEL_NAME / "notes.txt"
+    keep = repository / f".{MODEL_NAME}.backup" / "keep.txt"
+    for path in (notes, keep):
+        path.parent.mkdir(parents=True)
+        path.write_text("mine")
+    error = _refused(str(small_artifacts), "--backend", "onnxruntime", "--write-repository", str(repository))
+    assert error.strip() == (f"error: will not replace {repository / MODEL_NAME}: it is no model folder this command "
+                             "wrote (it holds notes.txt); move it away or write the repository elsewhere"), error
+    assert notes.read_text() == "mine" and keep.read_text() == "mine"
+    assert sorted(p.name for p in repository.iterdir()) == [keep.parent.name, MODEL_NAME]
+
+
 def _refused(*args: str, timeout_s: float = 60) -> str:
-    done = subprocess.run([sys.executable, "-m", "runtime.serve", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout_s, check=False)
+    done = subprocess.run([sys.executable, "-m", "runtime.serve", *args], cwd=ROOT, env=service_environment(),
+                          capture_output=True, text=True, timeout=timeout_s, check=False)
     assert done.returncode == 1, (done.stdout, done.stderr)
     assert "Traceback" not in done.stderr, done.stderr
     return done.stderr
@@ -276,13 +309,15 @@ def test_refusals_before_the_server_starts(small_artifacts, tmp_path):
         assert f"--http-port {port}" in _refused(str(small_artifacts), "--host", "127.0.0.1", "--http-port", str(port))
 
 
-def test_a_model_that_cannot_load_stops_the_command_with_the_reason(small_artifacts):
+def test_a_folder_that_cannot_load_here_stops_the_command_with_the_reason(small_artifacts):
+    """The ready check's answer is computed before Triton starts, so a backend that cannot run here
+    is refused then, by the same load the model instances would fail."""
     ports = _ports()
     process = _serve(small_artifacts, ports, "--backend", "tensorrt", "--device", "cpu")
     code, output = _stop_after_exit(process)
     assert code == 1, output
-    assert "error: the Triton server stopped before it was ready" in output and "tensorrt" in output.lower(), output
-    assert "Traceback" not in output
+    assert output.splitlines()[-1].startswith("error: ") and "tensorrt" in output.lower(), output
+    assert "starting Triton" not in output and "Traceback" not in output, output
 
 
 def _stop_after_exit(process: subprocess.Popen) -> tuple[int, str]:
@@ -364,3 +399,97 @@ def test_grpc_gives_the_same_result_and_errors(server, upscaler):
         client.infer(MODEL_NAME, inputs(16))
     assert "INVALID_ARGUMENT" in str(refused.value.status())
     client.close()
+
+
+def test_a_body_beyond_the_default_stack_reaches_the_model(server):
+    """A 6 MB binary request: Triton 2.51's HTTP frontend dies on a body of about half its threads'
+    stack (5 MB under the usual 8 MiB limit, measured); started with a larger one, the request gets
+    its answer (here: the folder's refusal of the size) and the server stays up."""
+    side = 216  # 1 x 32 x 216 x 216 FP32: 6.0 MB
+    with pytest.raises(Exception, match=r"outside what .* was built for") as refused:
+        _infer(server["client"], np.zeros((1, 32, side, side), np.float32))
+    assert "400" in str(refused.value.status()), refused.value
+    assert server["client"].is_server_ready()
+
+
+def _post_json(server: dict, body: bytes) -> tuple[int, str]:
+    url = f"http://127.0.0.1:{server['ports'].http}/v2/models/{MODEL_NAME}/infer"
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=body, method="POST"), timeout=60) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())["error"]
+
+
+def _json_request(seed: object = 1, scale: object = 2, values: int = 2048) -> bytes:
+    return json.dumps({"inputs": [
+        {"name": "latents", "shape": [1, 32, 8, 8], "datatype": "FP32", "data": [0.25] * values},
+        {"name": "scale", "shape": [1, 1], "datatype": "INT32", "data": [scale]},
+        {"name": "seed", "shape": [1, 1], "datatype": "INT64", "data": [seed]},
+    ]}).encode()
+
+
+@pytest.mark.parametrize("body, status, message", [
+    # refused by this model's checks: HTTP 400
+    (_json_request(seed=-1), 400, "seed[0] must be in 0..9223372036854775807"),
+    (_json_request(scale=3), 400, "scale must be one of 2, 4, 8, got 3"),
+    # refused by Triton's own JSON parser, before the model sees the request: HTTP 500 (README)
+    (_json_request(seed=2**63), 500, "Unable to parse 'data': attempt to access JSON non-signed-integer"),
+    (_json_request(seed=1.5), 500, "Unable to parse 'data': attempt to access JSON non-signed-integer"),
+    (_json_request(values=100), 500, "Unable to parse 'data': Shape does not match true shape of 'data' field"),
+    (b"{not json", 500, "failed to parse the request JSON buffer"),
+], ids=["negative seed", "scale 3", "seed 2**63", "seed 1.5", "data shorter than shape", "not json"])
+def test_malformed_json_requests_are_refused_and_the_server_stays_ready(server, body, status, message):
+    got, error = _post_json(server, body)
+    assert got == status and message in error, (got, error)
+    assert server["client"].is_server_ready()
+
+
+def test_a_json_request_declaring_a_huge_shape_is_refused_or_reported_as_a_crash(small_artifacts):
+    """230 bytes declaring latents [1, 32, 100000, 100000]: Triton 2.51 allocates the declared 1.28 TB
+    while parsing the JSON and aborts; binary HTTP and gRPC refuse it. Either the server survives
+    (a newer Triton) or the command reports the crash as one (signal, Triton's last words) and exits 1.
+    The default host is 127.0.0.1: only this machine could send it."""
+    ports = _ports()
+    process = _serve(small_artifacts, ports, "--backend", "onnxruntime")
+    try:
+        lines = _wait_line(process, "ready in", READY_S)
+        assert f"HTTP http://127.0.0.1:{ports.http}/" in lines[-1] and not any("warning" in x for x in lines), lines
+        triton = _tritonservers_on(ports.http)
+        body = json.dumps({"inputs": [
+            {"name": "latents", "shape": [1, 32, 100_000, 100_000], "datatype": "FP32", "data": [0.0]},
+            {"name": "scale", "shape": [1, 1], "datatype": "INT32", "data": [2]},
+            {"name": "seed", "shape": [1, 1], "datatype": "INT64", "data": [1]},
+        ]}).encode()
+        try:
+            status, error = _post_json({"ports": ports}, body)
+        except (urllib.error.URLError, ConnectionError) as exc:
+            status, error = None, str(exc)
+        if status is not None and 400 <= status < 500:  # survived
+            code, rest = _stop(process)
+            assert code == 0, rest
+            return
+        out, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 1, (status, error, out)
+    message = out.strip().splitlines()[-1]
+    assert message.startswith("error: the Triton server stopped while serving: it crashed (SIGABRT, signal 6)"), out
+    assert "std::bad_alloc" in message and "NVML" not in message, message
+    assert not [pid for pid in triton if Path(f"/proc/{pid}").exists()], "tritonserver left running"
+
+
+def test_a_public_host_is_warned_about(small_artifacts):
+    """--host 0.0.0.0: a warning that other machines can reach a server that dies on some HTTP
+    requests (here the command stops at a taken port, before Triton starts)."""
+    with __import__("socket").socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "runtime.serve", str(small_artifacts), "--host", "0.0.0.0",
+                               "--http-port", str(port)],
+                              cwd=ROOT, env=service_environment(), capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 1 and f"--http-port {port} on 0.0.0.0 is in use" in done.stderr, done.stderr
+    assert done.stdout.startswith("warning: --host 0.0.0.0 lets other machines reach the server"), done.stdout

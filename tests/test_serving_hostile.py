@@ -30,6 +30,7 @@ from runtime.serving.repository import (
     write_repository,
 )
 from runtime.serving.server import Ports
+from tests.test_serving_service import service_environment
 
 ROOT = Path(__file__).resolve().parents[1]
 READY_S = 120
@@ -43,7 +44,8 @@ def _ports() -> Ports:
 def _serve(folder: Path, ports: Ports, *extra: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "runtime.serve", str(folder), "--host", "127.0.0.1", "--backend", "onnxruntime",
                "--http-port", str(ports.http), "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics), *extra]
-    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(command, cwd=ROOT, env=service_environment(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
 
 
 class _Output:
