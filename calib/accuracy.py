@@ -36,30 +36,11 @@ from .data import (
     add_calibration_arguments,
     calibration_from_args,
 )
+from .thresholds import THRESHOLDS, Thresholds
 
 Run = Callable[[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 IMAGE_PEAK_TO_PEAK = 2.0
 DECODE_CROP = 16  # latent pixels: the PSNR is taken on the central 128x128 px, decoded alone, of both outputs
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    rel_l2: float
-    max_abs: float
-    psnr_db: float
-
-
-# Worst sample over the calibration set, output latent of one pass. Measured on the CPU (ONNX Runtime,
-# random weights, seeded-noise calibration; README "Calibration"): fp16 full size rel-L2 2.7e-4;
-# int8 0.023 full size, 0.026 small (40 dB decoded, small VAE); fp8 0.069 / 0.091 (28 dB). Limits
-# leave about 2x headroom over int8/fp8, more over fp16; bf16 is unmeasured on the CPU.
-THRESHOLDS = {
-    "fp32": Thresholds(rel_l2=1e-4, max_abs=1e-3, psnr_db=80.0),
-    "fp16": Thresholds(rel_l2=5e-3, max_abs=5e-2, psnr_db=45.0),
-    "bf16": Thresholds(rel_l2=3e-2, max_abs=2.5e-1, psnr_db=35.0),
-    "int8": Thresholds(rel_l2=0.06, max_abs=0.5, psnr_db=32.0),
-    "fp8": Thresholds(rel_l2=0.15, max_abs=1.0, psnr_db=24.0),
-}
 
 
 class AccuracyGateError(FlowUpscalerError, RuntimeError):

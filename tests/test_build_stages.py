@@ -100,7 +100,8 @@ def _loaded_project_files(repo: Path, module: str) -> list[str]:
         # the latent contract and the quantizer, which the old key (export/ and engines/ only) missed
         ("runtime/latents.py", ["export.pipeline.graph", "export.pipeline.quantize"]),
         ("calib/quantize.py", ["export.pipeline.quantize"]),
-        ("calib/accuracy.py", ["export.pipeline.quantize", "export.pipeline.checkset"]),
+        ("calib/accuracy.py", ["export.pipeline.quantize"]),
+        ("calib/thresholds.py", ["export.pipeline.quantize", "export.pipeline.checkset"]),
         ("export/onnx/validate.py", ["export.pipeline.checkset"]),
         ("runtime/noise.py", ["export.pipeline.checkset"]),
         ("export/onnx/exporter.py", ["export.pipeline.graph", "export.pipeline.quantize"]),
@@ -131,6 +132,16 @@ def test_files_outside_the_project_packages_leave_every_key_alone(repo, keys, ed
     before = keys()
     _edit(repo / edited)
     assert keys() == before
+
+
+def test_the_check_set_key_ignores_the_gate_and_the_runtime_backends(repo, keys):
+    """The check-set stage stores the gate's limits and the runtime's noise, not their code paths:
+    editing the gate or a backend keeps the check set (a full-size one costs a minute to remake)."""
+    before = keys()["export.pipeline.checkset"]
+    for edited in ("calib/accuracy.py", "calib/quantize.py", "runtime/upscaler.py", "runtime/backends.py",
+                   "runtime/tensorrt_backend.py", "export/pipeline/settings.py", "export/pipeline/gate.py"):
+        _edit(repo / edited)
+    assert keys()["export.pipeline.checkset"] == before
 
 
 def test_the_engine_key_ignores_the_export_side(repo, keys):

@@ -17,7 +17,7 @@ the build or ``calib`` (DESIGN.md "Layering"):
 - per component output, the ONNX validation tolerance of its precision (``export.onnx.validate``:
   rel-L2, and max-abs scaled by ``max(1, max|ref|)``, here multiplied out); quantized components
   get ``QUANTIZED_TOLERANCES`` (measured on the CPU, see there);
-- the pass, the accuracy gate's limits for the U-Net precision (``calib.accuracy.THRESHOLDS``:
+- the pass, the accuracy gate's limits for the U-Net precision (``calib.thresholds.THRESHOLDS``:
   rel-L2 and max-abs of ``x0``; no decoded PSNR, which needs the eager decoder).
 - fp32 components built with TF32 allowed get the fp16 limits: TF32 keeps fp16's 10-bit mantissa.
 
@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx
 import torch
 from safetensors.torch import save
 
-from calib.accuracy import THRESHOLDS
+from calib.thresholds import THRESHOLDS
 from engines.files import atomic_output
 from engines.manifest import CheckSetRecord, ComponentRecord, content_key, sha256_file
 from export.onnx.components import COMPONENTS, Models
@@ -46,9 +47,14 @@ from runtime.numerics import full_fp32
 from .errors import BuildError
 from .folder import CHECK_DIR, ArtifactFolder
 from .progress import StageLog
-from .settings import PASS_COMPONENTS, BuildSettings
 from .sources import source_digest
 
+if TYPE_CHECKING:
+    from .settings import BuildSettings
+
+# export.pipeline.settings.PASS_COMPONENTS, not imported: the settings import the quantizer, the
+# gate and through it the runtime's backends, whose edits would change this stage's key for nothing.
+PASS_COMPONENTS = ("cond_encoder", "unet")
 CHECK_SET_FORMAT = "flow-upscaler-check-set"
 CHECK_SET_VERSION = 1
 PASS = "pass"
