@@ -99,7 +99,7 @@ class ReadyCheck:
             return f"'{UPSCALED}' with NaN or Inf values"
         if self.expected is not None and not np.allclose(got, self.expected, rtol=RTOL, atol=ATOL):
             difference = float(np.abs(got.astype(np.float64) - self.expected).max())
-            return f"values that differ from Upscaler's by up to {difference:.3g} (tolerance {ATOL:g})"
+            return f"values that differ from Upscaler's by up to {difference:.3g} (tolerance {ATOL:g} + {RTOL:g} x |value|)"
         return None
 
 
