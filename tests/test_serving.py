@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -272,6 +273,32 @@ def test_rewriting_a_repository_replaces_only_its_own_model_whole(small_artifact
     assert notes.read_text() == "mine too" and backup.read_text() == "mine"
     with pytest.raises(RepositoryError, match="inside the artifact folder"):
         write_repository(small_artifacts / "repo", model)
+
+
+def test_a_killed_write_is_recovered_and_a_running_one_left_alone(small_artifacts, tmp_path):
+    """Leftovers of a write whose process is gone: the model it had set aside comes back, its staging
+    folder goes; a write in progress elsewhere (its process alive) and user folders stay."""
+    repository = tmp_path / "models"
+    model = ServedModel(artifacts=small_artifacts, max_batch=2, python_path=this_python_path())
+    write_repository(repository, model)
+    dead = _dead_pid()
+    set_aside = repository / f".{MODEL_NAME}.old-{dead}-x1y2z3"
+    set_aside.mkdir()
+    (repository / MODEL_NAME).rename(set_aside / MODEL_NAME)
+    staging = repository / f".{MODEL_NAME}.staging-{dead}-a1b2c3"
+    running = repository / f".{MODEL_NAME}.staging-{os.getppid()}-d4e5f6"
+    for folder in (staging, running):
+        (folder / "1").mkdir(parents=True)
+    write_repository(repository, ServedModel(artifacts=small_artifacts, max_batch=3))
+    assert sorted(p.name for p in repository.iterdir()) == sorted([MODEL_NAME, running.name])
+    assert "max_batch_size: 3" in (repository / MODEL_NAME / "config.pbtxt").read_text()
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
 
 
 def test_write_repository_refuses_a_model_folder_it_did_not_write(small_artifacts, tmp_path):
