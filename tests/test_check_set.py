@@ -145,6 +145,20 @@ def test_cannot_run_here_is_exit_1_with_why(small_artifacts, tmp_path):
     assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith("error: ")
 
 
+def test_fp32_graphs_get_fp32_limits_and_pass(small_models, tmp_path):
+    """fp32 graphs take the encoder's outputs in fp32: the same values under two names in the file."""
+    random = {"source": "random", "seed": 0}
+    settings = BuildSettings(target=PRESETS["rtx4090"].with_range(64, 128), precision="fp32", vae_precision="fp32",
+                             components=("cond_encoder", "unet"), weights={"unet": random}, engine_flavour="tensorrt")
+    record = build_artifacts(small_models, settings, tmp_path / "fp32", log=lambda line: None).check_set
+    assert record.components["unet"]["limits"]["velocity"]["rel_l2"] == 1e-4
+    assert record.whole_pass["limits"] == {"rel_l2": 1e-4, "max_abs": 1e-3}
+    tensors = load_file(str(tmp_path / "fp32" / record.file))
+    assert torch.equal(tensors["unet/inputs/lr1"], tensors["cond_encoder/outputs/lr1"])
+    done = _check(tmp_path / "fp32")
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 def _small_settings(seed: int = 0) -> BuildSettings:
     """The settings of the ``small_artifacts`` fixture (tests/conftest.py)."""
     random = {"source": "random", "seed": 0}
