@@ -20,15 +20,22 @@ _BUILD_SUFFIXES = (".onnx", ".validation.json", ".plan", ".partial", ".onnx.data
 
 
 def check_output_folder(out: Path) -> None:
-    """Refuse an artifact folder that cannot be written, before minutes of work are spent."""
+    """Refuse an artifact folder that cannot be written, before minutes of work are spent.
+
+    Creates nothing: a folder that does not exist yet is made by the build itself (``BuildLock``),
+    which removes it again if the build fails. Until then its nearest existing parent is checked.
+    """
     if out.exists() and not out.is_dir():
         raise BuildError(f"--out {out} is a file, not a folder; name a folder for the artifacts")
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise BuildError(f"--out {out}: {existing} is a file, not a folder; name a folder for the artifacts")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as exc:
-        raise BuildError(f"--out {out} cannot be written ({exc.strerror or exc}); name a writable folder") from exc
+        where = "" if existing == out else f" (its parent {existing})"
+        raise BuildError(f"--out {out}{where} cannot be written ({exc.strerror or exc}); name a writable folder") from exc
 
 
 class ArtifactFolder:
