@@ -12,10 +12,15 @@ from .errors import FlowUpscalerError
 
 
 @contextmanager
-def atomic_output(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds."""
+def atomic_output(path: Path, shared: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds.
+
+    ``shared``: other processes may write ``path`` at the same time (the user cache folder), so the
+    temporary name is this writer's own and the last complete file wins. Otherwise one fixed name
+    (``<name>.partial``), which a folder's single writer cleans up after a crash."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
+    own = f".{os.getpid()}.{os.urandom(4).hex()}" if shared else ""
+    partial = path.with_name(f"{path.name}{own}.partial")
     try:
         yield partial
         os.replace(partial, path)

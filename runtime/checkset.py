@@ -249,7 +249,7 @@ def _cached_verdict(path: Path, identity: dict, check_set_sha256: str) -> dict |
 
 def _store_verdict(path: Path, verdict: dict) -> None:
     try:
-        with atomic_output(path) as partial:
+        with atomic_output(path, shared=True) as partial:
             partial.write_text(json.dumps(verdict, indent=2) + "\n")
     except OSError as exc:  # a read-only home: the check then runs on every load, nothing breaks
         logger.warning("could not cache the check verdict in %s (%s); the check runs again on the next load",

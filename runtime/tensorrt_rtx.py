@@ -128,7 +128,7 @@ class RtxRunSettings:
             return
         try:
             self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_output(self.cache_path) as partial:
+            with atomic_output(self.cache_path, shared=True) as partial:
                 partial.write_bytes(data)
         except OSError as exc:  # a read-only home only costs compile time at the next load
             logger.warning("could not write the TensorRT-RTX runtime cache %s (%s)", self.cache_path, exc)
