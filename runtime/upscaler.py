@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import operator
+import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +31,7 @@ import torch
 
 from engines.cli import SEED_RANGE
 from engines.errors import FlowUpscalerError
-from engines.manifest import Manifest, ManifestError, load_manifest
+from engines.manifest import MANIFEST_NAME, Manifest, ManifestError, load_manifest
 from engines.profiles import admitting_profile
 
 from .backends import (
@@ -73,6 +74,7 @@ TILE_OVERLAP_FRACTION = 4  # overlap = tile / 4
 # What torch.Generator.manual_seed takes without wrapping: it also takes -2**63..-1, as the same
 # generators as seed + 2**64; refusing negatives keeps one spelling per noise.
 SEED_MAX = SEED_RANGE[1]
+LOAD_ATTEMPTS = 3  # loads of a folder whose manifest a finishing build replaced meanwhile
 
 
 class SizeOutOfRangeError(InvalidLatentsError):
@@ -143,6 +145,15 @@ def resolve_device(device: str | torch.device | None, name: str = "device") -> t
     if not 0 <= index < count:
         raise BackendUnavailable(f"{name} {str(device)!r}: this machine has CUDA devices 0..{count - 1}")
     return torch.device("cuda", index)
+
+
+def _manifest_stamp(folder: Path) -> tuple[int, int, int] | None:
+    """What changes when a build replaces the folder's manifest (a new file renamed into place)."""
+    try:
+        stat = os.stat(folder / MANIFEST_NAME)
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
 
 
 def _side_range(manifest: Manifest, component: str, name: str) -> tuple[int, int, int]:
@@ -279,6 +290,26 @@ class Upscaler:
             )
         folder = Path(artifact_dir)
         device = resolve_device(device)
+        attempt = 1
+        while True:
+            # A build finishing meanwhile replaces the manifest, then deletes the files only the old one
+            # named: a load that read the old one may find them gone. It loads the new one instead.
+            stamp = _manifest_stamp(folder)
+            try:
+                loaded = cls._load_once(folder, backend, device, noise, precision, compile_mode)
+            except (FlowUpscalerError, OSError):
+                if attempt == LOAD_ATTEMPTS or _manifest_stamp(folder) == stamp:
+                    raise
+            else:
+                if not loaded.skipped_backends or attempt == LOAD_ATTEMPTS or _manifest_stamp(folder) == stamp:
+                    return loaded
+                loaded.close()  # a backend auto skipped may have been skipped for a deleted file
+            attempt += 1
+            logger.info("%s: its manifest was replaced while loading (a build finished): loading the new one", folder)
+
+    @classmethod
+    def _load_once(cls, folder: Path, backend: str, device: torch.device, noise: str, precision: str | None,
+                   compile_mode: str | None) -> Upscaler:
         manifest = load_manifest(folder)
         order = [backend] if backend != "auto" else (AUTO_ORDER_CUDA if device.type == "cuda" else AUTO_ORDER_CPU)
         if precision is None and backend == "auto" and device.type == "cuda":
