@@ -57,6 +57,10 @@ RUNTIME_BACKENDS = {
 }
 EAGER_DTYPES = {"eager-fp32": torch.float32, "eager-fp16": torch.float16, "eager-bf16": torch.bfloat16, "compile": torch.float16}
 BACKENDS = (*EAGER_DTYPES, *RUNTIME_BACKENDS)
+# What the runners skip on the CPU whatever the folder: half-precision eager models, the torch
+# backend's GPU modes, the CUDA provider's NHWC option, TensorRT (the runners say why).
+GPU_ONLY = ({b for b, dtype in EAGER_DTYPES.items() if dtype != torch.float32}
+            | {b for b, (_, options) in RUNTIME_BACKENDS.items() if options} | {"onnxruntime-nhwc", "tensorrt"})
 COMPONENTS = ("cond_encoder", "unet", "vae_decoder", "pipeline", "backend_pass")
 NOISE_MODES = ("device", "cpu")
 BASELINE = "eager-fp16"
@@ -513,7 +517,10 @@ def plot(result: dict, path: Path, component: str = "pipeline") -> None:
 
 def csv_option(choices: tuple[str, ...] | None, cast=str):
     def parse(text: str):
-        values = [cast(v) for v in text.split(",") if v]
+        values = [cast(v) for v in text.split(",") if v.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError(f"no value in {text!r}: give one or more, comma-separated"
+                                             + (f", from {','.join(choices)}" if choices else ""))
         if choices:
             bad = [v for v in values if v not in choices]
             if bad:
@@ -551,6 +558,18 @@ def write_report(result: dict, table: str, json_path: Path | None, markdown_path
             partial.write_text(table)
 
 
+def _nothing_to_measure(args: argparse.Namespace) -> str | None:
+    """Why these options leave no row to measure on any folder (None when some row may run)."""
+    backends = args.backends
+    if args.device == "cpu" and set(backends) <= GPU_ONLY:
+        return (f"--backends {','.join(backends)} run on CUDA only (--device cpu); on the CPU: "
+                f"{','.join(b for b in BACKENDS if b not in GPU_ONLY)}")
+    if set(args.components) == {"backend_pass"} and not set(backends) & set(RUNTIME_BACKENDS):
+        return (f"--components backend_pass is a row of the runtime's backends ({','.join(RUNTIME_BACKENDS)}), "
+                f"none of which is in --backends {','.join(backends)}")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -559,6 +578,9 @@ def main(argv: list[str] | None = None) -> int:
     for size in args.sizes:
         if size <= 0 or size % 32:
             parser.error(f"sizes must be positive multiples of 32 px, got {size}")
+    nothing = _nothing_to_measure(args)
+    if nothing:
+        parser.error(f"nothing to measure: {nothing}")
     args.command = "python -m benchmarks.latency " + shlex.join(sys.argv[1:] if argv is None else argv)
     try:
         if args.json:
@@ -572,6 +594,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     result = run_benchmark(args)
+    if not result["rows"]:  # every row skipped here (the reasons were printed): a table of nothing is no result
+        print(f"error: nothing was measured: every row was skipped ({len(result['skipped'])} skips, reasons "
+              "above); no file was written", file=sys.stderr)
+        return 1
     write_report(result, markdown(result), args.json, args.markdown)
     if args.plot:
         plot(result, args.plot)

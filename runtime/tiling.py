@@ -73,7 +73,21 @@ def decode_tiled(
     return image.div_(weights)  # in place: a second full-size image would double the decode's peak
 
 
+def decode_bytes(batch: int, height: int, width: int, tile: int, channels: int = 3, scale: int = 8) -> int:
+    """Bytes ``decode_tiled`` allocates for latents [batch, C, height, width], beyond what each
+    tile's decode needs inside the backend: the fp32 image and, when tiled, its blend weights (one
+    channel) and a tile's blended piece (the piece, its ramp-weighted copy, the ramp)."""
+    pixels = height * scale * width * scale
+    image = 4 * batch * channels * pixels
+    if height <= tile and width <= tile:
+        return 2 * image  # the backend's output and the copy handed out
+    piece = 4 * batch * channels * min(tile, height) * scale * min(tile, width) * scale
+    return image + 4 * pixels + 3 * piece
+
+
 def rgb8(images: torch.Tensor) -> np.ndarray:
-    """Decoded images [B, 3, H, W] in about [-1, 1] -> [B, H, W, 3] uint8 RGB (PNG files, image clients)."""
-    pixels = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    """Decoded images [B, 3, H, W] in about [-1, 1] -> [B, H, W, 3] uint8 RGB (PNG files, image clients):
+    -1 -> 0, 0 -> 128 (127.5 rounded half to even), +1 -> 255, values outside [-1, 1] clamped.
+    One fp32 working copy (in place after the clamp), so a large image does not need several."""
+    pixels = images.detach().float().clamp(-1, 1).add_(1).mul_(127.5).round_().to(torch.uint8)
     return pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()

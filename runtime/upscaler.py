@@ -55,7 +55,7 @@ from .latents import (
     validate_latents,
 )
 from .noise import NOISE_MODES, CpuNoise, DeviceNoise, Noise, Seeds, chain_noise_shapes
-from .tiling import decode_tiled
+from .tiling import decode_bytes, decode_tiled
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,8 @@ LOAD_ATTEMPTS = 3  # loads of a folder whose manifest a finishing build replaced
 
 
 class SizeOutOfRangeError(InvalidLatentsError):
-    """Latents the artifact folder's profiles do not cover."""
+    """Latents the artifact folder's profiles do not cover, or too large to decode in the memory
+    the device has free."""
 
 
 class InvalidArgumentError(FlowUpscalerError, ValueError):
@@ -91,9 +92,16 @@ class UpscalerClosedError(FlowUpscalerError, RuntimeError):
 
 def check_seeds(seed: object, batch: int) -> Seeds:
     """``seed`` as an int, or as a list of one int per batch item; each in 0..2**64-1."""
+    if isinstance(seed, (np.ndarray, torch.Tensor)) and seed.ndim != 1:
+        if seed.ndim == 0:  # a scalar array is one seed
+            return check_seed(seed.item())
+        raise InvalidArgumentError(
+            f"seed as an array must be 1-D, one seed per batch item ({batch} for this batch), got a "
+            f"{seed.ndim}-D array of shape {tuple(seed.shape)}; flatten it (e.g. seed.ravel()) or pass a list"
+        )
     if isinstance(seed, (list, tuple, np.ndarray, torch.Tensor)):
         seeds = seed.tolist() if isinstance(seed, (np.ndarray, torch.Tensor)) else list(seed)
-        if len(seeds) != batch or isinstance(seed, (np.ndarray, torch.Tensor)) and seed.ndim != 1:
+        if len(seeds) != batch:
             raise InvalidArgumentError(
                 f"seed as a list needs one seed per batch item: {batch} for this batch, got {len(seeds)}"
             )
@@ -147,6 +155,29 @@ def resolve_device(device: str | torch.device | None, name: str = "device") -> t
     return torch.device("cuda", index)
 
 
+def available_memory(device: torch.device) -> int | None:
+    """Bytes a new allocation on ``device`` can take now; None where this cannot be told.
+
+    CUDA: the driver's free memory plus what torch's allocator holds unused. CPU: the kernel's
+    ``MemAvailable`` (free plus reclaimable cache) on Linux, else the free pages ``os.sysconf``
+    reports. A container's cgroup limit below the machine's is not read.
+    """
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
 def _manifest_stamp(folder: Path) -> tuple[int, int, int] | None:
     """What changes when a build replaces the folder's manifest (a new file renamed into place)."""
     try:
@@ -154,6 +185,10 @@ def _manifest_stamp(folder: Path) -> tuple[int, int, int] | None:
     except OSError:
         return None
     return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.1f} GiB"
 
 
 def _side_range(manifest: Manifest, component: str, name: str) -> tuple[int, int, int]:
@@ -424,7 +459,9 @@ class Upscaler:
             )
         return x
 
-    def _check_decode(self, batch: int, height: int, width: int) -> None:
+    def _check_decode(self, batch: int, height: int, width: int, new_latents: bool) -> None:
+        """Whether the folder and backend decode these latents, and the device's memory holds the images.
+        Reads the shape only. ``new_latents``: the call makes the fp32 latents it decodes."""
         if DECODER not in self.manifest.components:
             raise BackendUnavailable(
                 f"decoding needs a vae_decoder in {self.folder}; rebuild with --components cond_encoder unet vae_decoder"
@@ -436,6 +473,41 @@ class Upscaler:
                 f"decoding {batch}x{height}x{width} latents needs sides of at least {lo} and batch up to "
                 f"{max_batch} (the vae_decoder profile of {self.folder})"
             )
+        self._check_decode_memory(batch, height, width, new_latents)
+
+    def _decode_tile(self) -> int:
+        return max(self.manifest.components[DECODER].profiles[0].max["latents"][2:])
+
+    def decode_memory_bytes(self, batch: int, height: int, width: int, new_latents: bool = False) -> tuple[int, int]:
+        """(bytes the decode of [batch, 32, height, width] latents allocates for its images,
+        bytes one tile's decode works in): the images' from their size (with the fp32 latents when
+        the call makes them: an upscale's output, a conversion to fp32), the tile's from the
+        folder's memory estimate of the vae_decoder profile (at its largest tile and batch)."""
+        estimates = self.manifest.components[DECODER].memory_estimate_bytes
+        latents = 4 * batch * LATENT_CHANNELS * height * width if new_latents else 0
+        return latents + decode_bytes(batch, height, width, self._decode_tile()), max(estimates, default=0)
+
+    def _check_decode_memory(self, batch: int, height: int, width: int, new_latents: bool = False) -> None:
+        """Refuse, before any work, a decode whose images and tile work exceed the free memory."""
+        image, work = self.decode_memory_bytes(batch, height, width, new_latents)
+        available = available_memory(self.device)
+        if available is None or image + work <= available:
+            return
+        side, step = 0, 1 << 20  # the largest square decode that fits, at this batch
+        while step:
+            if sum(self.decode_memory_bytes(batch, side + step, side + step, new_latents)) <= available:
+                side += step
+            step //= 2
+        side -= side % 2
+        px = PIXELS_PER_LATENT
+        fits = (f"at batch {batch} it decodes up to about {side}x{side} latents ({side * px}x{side * px} px) now"
+                if side >= 2 else "not even the smallest decode fits now")
+        raise SizeOutOfRangeError(
+            f"decoding {batch}x{height}x{width} latents ({height * px}x{width * px} px) needs about "
+            f"{_gib(image + work)} ({_gib(image)} for the fp32 images and their blending, {_gib(work)} for a "
+            f"tile's decode) but {self.device} has about {_gib(available)} free: {fits}; decode smaller "
+            "latents or fewer at once, or free memory"
+        )
 
     def check_input(
         self, latents: torch.Tensor | np.ndarray, scale: int = 2, decode: bool = False, latent_format: str = "flux2"
@@ -451,7 +523,7 @@ class Upscaler:
         for component, name, shape, what in pass_inputs(b, h, w, scale):
             self._check_range(component, name, shape, what)
         if decode:
-            self._check_decode(b, h * scale, w * scale)
+            self._check_decode(b, h * scale, w * scale, new_latents=True)
         return x
 
     # -- work ---------------------------------------------------------------------------------
@@ -472,8 +544,7 @@ class Upscaler:
         return run_pass(self.backend.run, latents_small, noise)
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        profile = self.manifest.components[DECODER].profiles[0]
-        tile = max(profile.max["latents"][2:])
+        tile = self._decode_tile()
 
         def run(tile_latents: torch.Tensor) -> torch.Tensor:
             return self.backend.run(DECODER, {"latents": tile_latents.contiguous()})["image"]
@@ -519,8 +590,10 @@ class Upscaler:
         self._require_open()
         x = self._unpacked(latents, latent_format)
         self._require_batch(x)
-        validate_latents(x)
-        self._check_decode(x.shape[0], x.shape[2], x.shape[3])
+        if x.dim() == 4 and x.shape[1] == LATENT_CHANNELS:  # before the NaN scan, which allocates a
+            # flag per value (expanded latents included): a decode too large is refused from its shape
+            self._check_decode(x.shape[0], x.shape[2], x.shape[3], new_latents=x.dtype != torch.float32)
+        validate_latents(x)  # refuses any other shape
         x = x.float()
         with self._lock, self.backend.on_stream() as caller:
             self._require_open()  # closed by another thread while this call waited
