@@ -12,8 +12,13 @@ from runtime.tensorrt_backend import TensorRTBackend
 
 
 @pytest.mark.skipif(tensorrt_version() is not None, reason="checks the message given without TensorRT")
-def test_tensorrt_backend_without_tensorrt_says_what_to_install(tmp_path):
+def test_tensorrt_backend_without_tensorrt_says_what_to_install():
     with pytest.raises(BackendUnavailable, match=r"TensorRT is not installed \(pip install -e '.\[trt\]'\)"):
+        TensorRTBackend({}, torch.device("cpu"), flavour="tensorrt")
+
+
+def test_tensorrt_backend_on_a_folder_without_manifest_says_so(tmp_path):
+    with pytest.raises(BackendUnavailable, match=f"{tmp_path} has no manifest.json; build it with"):
         TensorRTBackend.from_folder(tmp_path, torch.device("cpu"))
 
 
