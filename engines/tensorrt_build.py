@@ -20,9 +20,12 @@ against the real TensorRT 10 and 11 bindings.
 
 from __future__ import annotations
 
+import signal
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,23 +117,54 @@ def _network_loader(trt, onnx_path: Path):
 
 def progress_monitor(trt, report: Callable[[str], None]):
     class Progress(trt.IProgressMonitor):
-        """Prints TensorRT's top-level build phases with the time since the build began."""
+        """Prints TensorRT's top-level build phases with the time since the build began; cancels
+        the build once ``interrupted`` is set (``cancel_on_ctrl_c``)."""
 
         def __init__(self):
             trt.IProgressMonitor.__init__(self)
             self._start = time.perf_counter()
+            self.interrupted = False
 
         def phase_start(self, phase_name, parent_phase, num_steps):
             if parent_phase is None:
                 report(f"[{time.perf_counter() - self._start:6.1f} s] {phase_name} ({num_steps} steps)")
 
         def step_complete(self, phase_name, step):
-            return True
+            return not self.interrupted  # False asks TensorRT to cancel the build
 
         def phase_finish(self, phase_name):
             pass
 
     return Progress()
+
+
+@contextmanager
+def cancel_on_ctrl_c(monitor) -> Iterator[None]:
+    """Ctrl-C during a build cancels it, then raises KeyboardInterrupt.
+
+    Python runs its SIGINT handler at the next Python code, which during a build is one of the
+    builder's callbacks; the bindings swallow a KeyboardInterrupt raised there and the build would
+    run to the end (seen with TensorRT-RTX 1.7). So during the build SIGINT only sets the
+    monitor's flag, its ``step_complete`` answers False, and the interrupt is raised here after.
+    """
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+
+    def interrupted(signum, frame):
+        monitor.interrupted = True
+
+    previous = signal.signal(signal.SIGINT, interrupted)
+    try:
+        yield
+    except Exception:
+        if monitor.interrupted:
+            raise KeyboardInterrupt from None  # the cancelled build's own error is not the story
+        raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if monitor.interrupted:
+        raise KeyboardInterrupt
 
 
 def _preview_features(trt) -> list:
@@ -177,6 +211,7 @@ def build_engine(
     network_loader = _network_loader(trt, onnx_path)
     limits = {trt.MemoryPoolType.WORKSPACE: options.workspace_bytes} if options.workspace_bytes else None
     preview_features = _preview_features(trt)
+    monitor = progress_monitor(trt, report)
     create_config = CreateConfig(
         tf32=options.tf32,
         profiles=[_polygraphy_profile(p) for p in profiles],
@@ -184,7 +219,7 @@ def build_engine(
         memory_pool_limits=limits,
         preview_features=preview_features,
         load_timing_cache=str(timing_cache_path) if timing_cache_path.exists() else None,
-        progress_monitor=progress_monitor(trt, report),
+        progress_monitor=monitor,
     )
     with tempfile.TemporaryDirectory() as scratch:
         log_path = Path(scratch) / "tensorrt.log"
@@ -193,7 +228,8 @@ def build_engine(
         try:
             builder, network, parser = network_loader()
             config = create_config(builder, network)
-            engine_bytes = EngineBytesFromNetwork((builder, network, parser), config)()
+            with cancel_on_ctrl_c(monitor):
+                engine_bytes = EngineBytesFromNetwork((builder, network, parser), config)()
             timing_cache = config.get_timing_cache()
             cache_bytes = bytes(timing_cache.serialize()) if timing_cache is not None else None
         except Exception as exc:

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from .files import atomic_output
 from .profiles import Profile
-from .tensorrt_build import BuildOptions, EngineBuildError, progress_monitor
+from .tensorrt_build import BuildOptions, EngineBuildError, cancel_on_ctrl_c, progress_monitor
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,18 @@ def _compute_capability(trt, capability: tuple[int, int]):
     return values[capability]
 
 
+_BUILDER_LOGS: dict[object, object] = {}  # by TensorRT-RTX module: one per process
+
+
 def _builder_log(trt):
+    """The process's builder logger. TensorRT-RTX keeps the first logger it was given while any
+    builder lives and ignores later ones (it warns so), so one logger serves every build and each
+    build collects its lines through ``lines``, reset when the build starts."""
+    if trt in _BUILDER_LOGS:
+        log = _BUILDER_LOGS[trt]
+        log.lines, log.warned = [], set()
+        return log
+
     class BuilderLog(trt.ILogger):
         """Keeps the builder's messages (memory figures, errors); errors, and each distinct warning
         once (int8 graphs repeat one per conv), also go to our log."""
@@ -70,17 +81,18 @@ def _builder_log(trt):
         def __init__(self):
             trt.ILogger.__init__(self)
             self.lines: list[str] = []
-            self._warned: set[str] = set()
+            self.warned: set[str] = set()
 
         def log(self, severity, msg):
             self.lines.append(msg)
             if severity in (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR):
                 logger.error("TensorRT-RTX: %s", msg)
-            elif severity == trt.ILogger.Severity.WARNING and msg not in self._warned:
-                self._warned.add(msg)
+            elif severity == trt.ILogger.Severity.WARNING and msg not in self.warned:
+                self.warned.add(msg)
                 logger.warning("TensorRT-RTX: %s", msg)
 
-    return BuilderLog()
+    _BUILDER_LOGS[trt] = BuilderLog()
+    return _BUILDER_LOGS[trt]
 
 
 def memory_figures(lines: list[str], num_profiles: int, component: str) -> dict:
@@ -109,6 +121,7 @@ def build_rtx_engine(
     import tensorrt_rtx as trt
 
     log = _builder_log(trt)
+    monitor = progress_monitor(trt, report)
     start = time.perf_counter()
     builder = trt.Builder(log)
     network = builder.create_network(0)  # always strongly typed
@@ -126,13 +139,14 @@ def build_rtx_engine(
     config.builder_optimization_level = options.optimization_level
     if options.workspace_bytes:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_bytes)
-    config.progress_monitor = progress_monitor(trt, report)
+    config.progress_monitor = monitor
     for profile in profiles:
         optimization_profile = builder.create_optimization_profile()
         for name in profile.min:
             optimization_profile.set_shape(name, profile.min[name], profile.opt[name], profile.max[name])
         config.add_optimization_profile(optimization_profile)
-    serialized = builder.build_serialized_network(network, config)
+    with cancel_on_ctrl_c(monitor):
+        serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         errors = "\n".join(line for line in log.lines if "error" in line.lower())[-2000:]
         raise EngineBuildError(f"TensorRT-RTX could not build {component}:\n{errors or '(no error logged)'}")

@@ -189,7 +189,8 @@ upscaler._open_backend = without_onnxruntime
                   "--device", "cpu", code=code)
     assert result.returncode == 0, result.stderr
     assert result.stderr.splitlines() == ["warning: backend auto: skipped onnxruntime on cpu: ONNX Runtime hidden by the test"]
-    assert "backend torch, auto skipped onnxruntime" in result.stdout
+    # the folder's engines are skipped first, without a warning: no GPU here is the normal case
+    assert "backend torch, auto skipped tensorrt, onnxruntime" in result.stdout
     assert (tmp_path / "out.safetensors").is_file()
 
 
@@ -299,7 +300,10 @@ def test_auto_logs_each_skipped_backend(small_artifacts, monkeypatch):
     try:
         with Upscaler.load(small_artifacts, device="cpu") as auto:
             assert auto.backend_name == "torch"
-            assert auto.skipped_backends == {"onnxruntime": "ONNX Runtime hidden by the test"}
+            assert auto.skipped_backends == {
+                "tensorrt": "the folder's engines need a CUDA GPU; this machine runs on the CPU",
+                "onnxruntime": "ONNX Runtime hidden by the test",
+            }
     finally:
         logger.removeHandler(handler)
     assert [(r.levelno, r.getMessage()) for r in records] == [

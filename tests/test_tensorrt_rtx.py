@@ -114,6 +114,25 @@ def test_every_component_and_precision_builds_for_the_rtx_targets(graphs, tmp_pa
     assert facts["tf32"] is False and any("Building engine" in line for line in lines)
 
 
+def test_ctrl_c_during_a_build_cancels_it_and_writes_nothing(graphs, tmp_path):
+    """SIGINT arriving while TensorRT-RTX builds runs Python's handler inside a builder callback,
+    where the bindings swallow the KeyboardInterrupt: the build has to be cancelled instead."""
+    import os
+    import signal
+
+    models, made = graphs
+
+    def ctrl_c(line: str) -> None:  # the first progress line: the build is under way
+        os.kill(os.getpid(), signal.SIGINT)
+
+    previous = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        build_rtx_engine("unet", made["unet", "fp16"], _profiles("unet", models), (12, 0), BuildOptions(),
+                         tmp_path / "engine.plan", report=ctrl_c)
+    assert not list(tmp_path.iterdir())
+    assert signal.getsignal(signal.SIGINT) is previous
+
+
 def test_the_rtx_presets_take_exactly_the_precisions_their_compute_capability_has():
     assert _cases("rtx5090") == [
         ("cond_encoder", "fp16"), ("cond_encoder", "bf16"), ("cond_encoder", "int8"), ("cond_encoder", "fp8"),
