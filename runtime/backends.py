@@ -261,8 +261,13 @@ class OnnxRuntimeBackend(Backend):
                 self._unavailable[name] = str(exc)
             except Exception as exc:  # ONNX Runtime raises its own types for graphs it cannot run
                 reason = str(exc).splitlines()[0][-300:].rstrip(".")
+                if not Path(path).is_file():  # vanished since the manifest was checked: no other diagnosis
+                    self._unavailable[name] = f"ONNX Runtime cannot run {Path(path).name}: the file is gone ({reason})"
+                    continue
+                bf16 = ".bf16." in Path(path).name
                 hint = {
-                    "cpu": "bf16 graphs need a GPU provider; rebuild with another precision or use the torch backend",
+                    "cpu": ("bf16 graphs need a GPU provider; rebuild with another precision or use the torch backend"
+                            if bf16 else "rebuild the folder, or use the torch backend"),
                     "cuda": "use the tensorrt or torch backend",
                     # A provider that failed to load leaves the nodes to the CPU, which the session refuses.
                     "tensorrt": "its TensorRT provider needs TensorRT 10's libraries (pip install -e '.[trt,gpu]') "

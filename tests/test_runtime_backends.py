@@ -63,3 +63,20 @@ def test_onnxruntime_tensorrt_on_the_cpu_is_refused_before_any_session(small_art
     with pytest.raises(BackendUnavailable, match="needs a CUDA device, got cpu"):
         Upscaler.load(small_artifacts, backend="onnxruntime-tensorrt", device="cpu")
     assert not (small_artifacts / "onnxruntime_tensorrt_cache").exists()
+
+
+def test_a_graph_gone_since_the_manifest_check_is_named_as_gone_not_as_bf16(small_artifacts, tmp_path):
+    """A build replacing the folder under a load deleted a fp16 graph; the refusal once blamed bf16."""
+    import shutil
+
+    from runtime.backends import OnnxRuntimeBackend
+
+    folder = tmp_path / "art"
+    shutil.copytree(small_artifacts, folder)
+    manifest = load_manifest(folder)
+    unet = folder / manifest.components["unet"].onnx_file
+    unet.unlink()
+    graphs = {name: folder / record.onnx_file for name, record in manifest.components.items()}
+    with pytest.raises(BackendUnavailable) as refused:
+        OnnxRuntimeBackend(graphs, torch.device("cpu"), provider="cpu")
+    assert "unet.fp16.onnx: the file is gone" in str(refused.value) and "bf16" not in str(refused.value)
