@@ -123,29 +123,29 @@ def build_rtx_engine(
     log = _builder_log(trt)
     monitor = progress_monitor(trt, report)
     start = time.perf_counter()
-    builder = trt.Builder(log)
-    network = builder.create_network(0)  # always strongly typed
-    parser = trt.OnnxParser(network, log)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "\n".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise EngineBuildError(f"TensorRT-RTX could not parse the {component} graph {onnx_path}:\n{errors}")
-    config = builder.create_builder_config()
-    config.num_compute_capabilities = 1  # set before the capability itself (the API's order)
-    if not config.set_compute_capability(_compute_capability(trt, compute_capability), 0):
-        raise EngineBuildError("TensorRT-RTX refused compute capability %d.%d for %s" % (*compute_capability, component))
-    config.set_flag(trt.BuilderFlag.REQUIRE_USER_ALLOCATION)
-    if not options.tf32:
-        config.clear_flag(trt.BuilderFlag.TF32)
-    config.builder_optimization_level = options.optimization_level
-    if options.workspace_bytes:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_bytes)
-    config.progress_monitor = monitor
-    for profile in profiles:
-        optimization_profile = builder.create_optimization_profile()
-        for name in profile.min:
-            optimization_profile.set_shape(name, profile.min[name], profile.opt[name], profile.max[name])
-        config.add_optimization_profile(optimization_profile)
-    with cancel_on_ctrl_c(monitor):
+    with cancel_on_ctrl_c(monitor):  # the parser and builder call back into Python (log) throughout
+        builder = trt.Builder(log)
+        network = builder.create_network(0)  # always strongly typed
+        parser = trt.OnnxParser(network, log)
+        if not parser.parse_from_file(str(onnx_path)):
+            errors = "\n".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise EngineBuildError(f"TensorRT-RTX could not parse the {component} graph {onnx_path}:\n{errors}")
+        config = builder.create_builder_config()
+        config.num_compute_capabilities = 1  # set before the capability itself (the API's order)
+        if not config.set_compute_capability(_compute_capability(trt, compute_capability), 0):
+            raise EngineBuildError("TensorRT-RTX refused compute capability %d.%d for %s" % (*compute_capability, component))
+        config.set_flag(trt.BuilderFlag.REQUIRE_USER_ALLOCATION)
+        if not options.tf32:
+            config.clear_flag(trt.BuilderFlag.TF32)
+        config.builder_optimization_level = options.optimization_level
+        if options.workspace_bytes:
+            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_bytes)
+        config.progress_monitor = monitor
+        for profile in profiles:
+            optimization_profile = builder.create_optimization_profile()
+            for name in profile.min:
+                optimization_profile.set_shape(name, profile.min[name], profile.opt[name], profile.max[name])
+            config.add_optimization_profile(optimization_profile)
         serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         errors = "\n".join(line for line in log.lines if "error" in line.lower())[-2000:]
