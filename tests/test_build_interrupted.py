@@ -27,7 +27,12 @@ from .conftest import SMALL_UNET, SMALL_VAE
 
 ROOT = Path(__file__).resolve().parents[1]
 NEW_SEED = 1  # other weights than the folder's (seed 0): every graph is exported again
+# The build script restores Python's Ctrl-C handler: a test run started in the background by a
+# non-interactive shell (a CI script's `cmd &`) inherits SIGINT ignored, and Python then keeps it
+# ignored, so the SIGINT case would test nothing but the shell.
 BUILD = f"""
+import signal
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import sys
 from pathlib import Path
 from engines.targets import PRESETS
