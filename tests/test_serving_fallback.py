@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +28,8 @@ httpclient = pytest.importorskip("tritonclient.http", reason="the serving tests'
 from runtime import SizeOutOfRangeError, Upscaler
 from runtime.serving.repository import MODEL_NAME
 from runtime.serving.server import Ports
+
+from .test_serving import _stop, _wait_line
 
 ROOT = Path(__file__).resolve().parents[1]
 READY_S = 180
@@ -51,22 +51,6 @@ def limited_folder(small_artifacts, tmp_path_factory) -> Path:
             box["max"][0] = 1
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return folder
-
-
-def _wait_line(process: subprocess.Popen, needle: str, timeout_s: float) -> list[str]:
-    lines: list[str] = []
-    done = threading.Event()
-
-    def read() -> None:
-        for line in process.stdout:
-            lines.append(line.rstrip("\n"))
-            if needle in line:
-                break
-        done.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    assert done.wait(timeout_s) and any(needle in line for line in lines), f"no {needle!r} within {timeout_s} s: {lines}"
-    return lines
 
 
 def _latents(seed: int) -> np.ndarray:
@@ -123,10 +107,4 @@ def test_requests_gathered_beyond_a_profiles_batch_each_get_their_own_result(lim
         for i, result in enumerate(results):
             assert np.array_equal(result, alone[i]), i
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-        try:
-            process.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.communicate()
+        _stop(process)
