@@ -239,6 +239,8 @@ class OnnxRuntimeBackend(Backend):
         self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        if provider == "cpu":  # the same threads as torch's (torch.set_num_threads, OMP_NUM_THREADS)
+            options.intra_op_num_threads = torch.get_num_threads()
         if provider == "tensorrt":
             options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
         providers = self.PROVIDERS[provider]
@@ -342,6 +344,8 @@ class TorchBackend(Backend):
       input shape (the first call at a shape pays it; Inductor's on-disk cache, under
       ``TORCHINDUCTOR_CACHE_DIR``, spares a second process most of it). ``reduce-overhead`` and
       ``max-autotune`` replay each shape's pass as a CUDA graph.
+    - On the CPU, ``bf16`` runs channels-last: oneDNN's convolutions on the CPU's bf16 matrix units
+      (AMX, AVX-512 BF16; ``runtime.cpu``), what ``auto`` chooses on such CPUs.
     """
 
     name = "torch"
@@ -374,7 +378,9 @@ class TorchBackend(Backend):
         decoder_policy = DEFAULT_POLICY["fp32" if precision == "fp32" else "bf16"]
         if models.unet is not None and precision != "fp32":
             models = Models(unet=apply_policy(models.unet, policy), vae=models.vae, cut=models.cut)
-        self._channels_last = compile_mode is not None
+        # oneDNN runs bf16/fp16 convolutions on the CPU's matrix units in channels-last only
+        # (NCHW bf16 is no faster than fp32 there: benchmarks/results/cpu_latency.md).
+        self._channels_last = compile_mode is not None or (device.type == "cpu" and precision != "fp32")
         self._modules, self._parts = {}, {}
         for name in manifest.components:
             part = PARTS[name]

@@ -54,6 +54,7 @@ from .latents import (
     unpack,
     validate_latents,
 )
+from .cpu import cpu_matrix_units
 from .noise import NOISE_MODES, CpuNoise, DeviceNoise, Noise, Seeds, chain_noise_shapes
 from .tiling import decode_bytes, decode_tiled
 
@@ -62,8 +63,12 @@ logger = logging.getLogger(__name__)
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "onnxruntime-tensorrt", "torch")
 # What ``auto`` tries, in order. CUDA: TensorRT first; the order of the others is to be set by the
 # H100 measurement (benchmarks.latency --backends runtime rows); until then ONNX Runtime's CUDA
-# provider, then torch in the folder's precision. The CPU: ONNX Runtime, then torch.
+# provider, then torch in the folder's precision. The CPU, by the measured order of
+# benchmarks/results/cpu_latency.md and the CPU's bf16 matrix units (runtime.cpu): with them, torch
+# in bf16 channels-last (2.0x ONNX Runtime's fp32 on AVX-512 BF16), then ONNX Runtime; without
+# them the fp32 path as before: ONNX Runtime, then torch in fp32.
 AUTO_ORDER_CUDA = ("tensorrt", "onnxruntime", "torch")
+AUTO_ORDER_CPU_BF16 = ("torch", "onnxruntime")
 AUTO_ORDER_CPU = ("onnxruntime", "torch")
 LATENT_FORMATS = ("flux2", "flux2_packed")
 PIPELINE = ("cond_encoder", "unet")
@@ -239,6 +244,25 @@ def _open_backend(kind: str, folder: Path, device: torch.device, torch_options: 
     return OnnxRuntimeBackend(graphs, device, provider="cpu" if device.type == "cpu" else "cuda")
 
 
+def _auto_order(device: torch.device, manifest: Manifest, precision: str | None) -> tuple[tuple[str, ...], str | None]:
+    """What ``auto`` tries on ``device``, in order, and the torch backend's precision there.
+
+    CUDA: the folder's float precision for torch. The CPU: torch in bf16 first where the CPU has bf16
+    matrix units and no other precision was asked for; else the fp32 path. Logged with why.
+    """
+    if device.type == "cuda":
+        return AUTO_ORDER_CUDA, precision or folder_float_precision(manifest)
+    units = cpu_matrix_units()
+    threads = torch.get_num_threads()
+    if units.bf16 and precision in (None, "bf16"):
+        logger.info("backend auto on the CPU: torch in bf16, channels-last, first (this CPU has %s; measured faster "
+                    "than ONNX Runtime's fp32, benchmarks/results/cpu_latency.md), %d threads", units.describe(), threads)
+        return AUTO_ORDER_CPU_BF16, "bf16"
+    reason = f"precision {precision} was asked for" if units.bf16 else f"this CPU has {units.describe()}"
+    logger.info("backend auto on the CPU: the fp32 path, ONNX Runtime first (%s), %d threads", reason, threads)
+    return AUTO_ORDER_CPU, precision
+
+
 def run_pass(run: Callable[[str, dict], dict], latents_small: torch.Tensor, noise: Noise) -> torch.Tensor:
     """One 2x pass through ``run(component, inputs) -> outputs`` (a backend's, or any graphs').
 
@@ -296,9 +320,11 @@ class Upscaler:
     ) -> Upscaler:
         """Open ``artifact_dir`` (checked against its manifest) with ``backend`` on ``device``.
 
-        ``auto`` takes the first that opens of tensorrt, onnxruntime (CUDA, or CPU) and torch
-        (engines built where they could not run must first pass the folder's check set here:
-        ``runtime.checkset.verify_first_use``);
+        ``auto`` takes the first that opens of tensorrt, onnxruntime (CUDA) and torch (engines built
+        where they could not run must first pass the folder's check set here:
+        ``runtime.checkset.verify_first_use``); on the CPU, torch in bf16 (channels-last) and then
+        onnxruntime where the CPU has bf16 matrix units (``runtime.cpu``), else onnxruntime and torch
+        in fp32;
         ``skipped_backends`` says why the ones before it did not, and each skip is logged as a
         warning on this module's logger. ``device``: ``cpu``, ``cuda`` or ``cuda:N`` (see
         ``resolve_device``). ``noise``: ``cpu`` (the cross-backend convention), ``device`` (drawn
@@ -307,7 +333,8 @@ class Upscaler:
 
         ``precision`` and ``compile_mode`` configure the torch backend (see ``TorchBackend``):
         asked for by name it runs fp32, the reference, unless ``precision`` says otherwise; chosen
-        by ``auto`` on CUDA it runs the folder's float precision. Other backends run the folder's
+        by ``auto`` it runs the folder's float precision on CUDA and bf16 on a CPU with bf16 units
+        (``precision="fp32"`` keeps ``auto`` on the CPU's fp32 path). Other backends run the folder's
         graphs or engines as built and refuse these options.
         """
         if not isinstance(backend, str) or backend not in BACKENDS:
@@ -346,9 +373,9 @@ class Upscaler:
     def _load_once(cls, folder: Path, backend: str, device: torch.device, noise: str, precision: str | None,
                    compile_mode: str | None) -> Upscaler:
         manifest = load_manifest(folder)
-        order = [backend] if backend != "auto" else (AUTO_ORDER_CUDA if device.type == "cuda" else AUTO_ORDER_CPU)
-        if precision is None and backend == "auto" and device.type == "cuda":
-            precision = folder_float_precision(manifest)
+        order: tuple[str, ...] = (backend,)
+        if backend == "auto":
+            order, precision = _auto_order(device, manifest, precision)
         torch_options = {"precision": precision or "fp32", "compile_mode": compile_mode}
         skipped = {}
         if backend == "auto" and device.type != "cuda" and any(c.engine.built for c in manifest.components.values()):

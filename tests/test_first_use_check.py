@@ -83,7 +83,8 @@ def engines(monkeypatch):
         return real(kind, folder, device, torch_options)
 
     monkeypatch.setattr(upscaler_module, "_open_backend", open_backend)
-    monkeypatch.setattr(upscaler_module, "AUTO_ORDER_CPU", ("tensorrt", "onnxruntime", "torch"))
+    monkeypatch.setattr(upscaler_module, "_auto_order", lambda device, manifest, precision: (
+        ("tensorrt", "onnxruntime", "torch"), precision))
     CheckedEngines.closed = 0
     return settings
 

@@ -25,6 +25,8 @@ from runtime import BackendUnavailable, InvalidArgumentError, InvalidLatentsErro
 from runtime.latents import write_latents
 from runtime.upscale import main
 
+from .cpu_units import WITHOUT_BF16, pretend_cpu
+
 ROOT = Path(__file__).resolve().parents[1]
 SEED_RANGE = "must be an integer in 0..18446744073709551615 (2**64-1)"
 
@@ -183,6 +185,8 @@ def without_onnxruntime(kind, folder, device, *options):
         raise BackendUnavailable("ONNX Runtime hidden by the test")
     return opened(kind, folder, device, *options)
 upscaler._open_backend = without_onnxruntime
+from runtime.cpu import CpuMatrixUnits
+upscaler.cpu_matrix_units = lambda: CpuMatrixUnits(False, False)  # the fp32 path: onnxruntime, then torch
 """ + RUN_MODULE
     write_latents(tmp_path / "in.safetensors", _latents(1, 32, 8, 8))
     result = _cli(small_artifacts, "--input", tmp_path / "in.safetensors", "--output", tmp_path / "out.safetensors",
@@ -297,6 +301,7 @@ def test_auto_logs_each_skipped_backend(small_artifacts, monkeypatch):
     logger = logging.getLogger("runtime.upscaler")
     logger.addHandler(handler)
     monkeypatch.setattr(module, "_open_backend", without_onnxruntime)
+    pretend_cpu(monkeypatch, WITHOUT_BF16)  # the fp32 path: onnxruntime, then torch
     try:
         with Upscaler.load(small_artifacts, device="cpu") as auto:
             assert auto.backend_name == "torch"

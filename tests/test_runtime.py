@@ -19,6 +19,8 @@ from runtime.latents import pack, read_latents, write_latents
 from runtime.tiling import decode_tiled, tile_starts
 from runtime.upscale import main
 
+from .cpu_units import WITH_BF16, WITHOUT_BF16, pretend_cpu
+
 
 RANDOM = {"source": "random", "seed": 0}
 
@@ -63,9 +65,26 @@ def test_torch_backend_is_the_reference_and_checks_its_weights(artifacts, models
         torch.testing.assert_close(eager.upscale(x, scale=4, seed=9), reference_upscale(models.unet, x, 4, seed=9))
 
 
-def test_auto_picks_onnxruntime_on_cpu(artifacts):
+def test_auto_on_a_cpu_with_bf16_units_runs_torch_in_bf16_channels_last_within_the_bf16_gate(
+        artifacts, models, monkeypatch):
+    pretend_cpu(monkeypatch, WITH_BF16)
+    x = _latents(1, 32, 8, 12)
+    with Upscaler.load(artifacts, device="cpu") as auto:
+        assert auto.backend_name == "torch-bf16" and auto.memory_bytes() == 0
+        conv = next(m for m in auto.backend._modules["unet"].modules() if isinstance(m, torch.nn.Conv2d))
+        assert conv.weight.dtype == torch.bfloat16 and conv.weight.is_contiguous(memory_format=torch.channels_last)
+        got = auto.upscale(x, scale=2, seed=4)
+    error = _rel_l2(got, reference_upscale(models.unet, x, 2, seed=4))
+    assert 1e-5 < error < 0.03  # bf16, not fp32; within the bf16 accuracy gate (calib/thresholds.py)
+
+
+def test_auto_on_a_cpu_without_bf16_units_or_asked_for_fp32_keeps_the_fp32_path(artifacts, monkeypatch):
+    pretend_cpu(monkeypatch, WITHOUT_BF16)
     with Upscaler.load(artifacts, device="cpu") as auto:
         assert auto.backend_name == "onnxruntime-cpu" and auto.memory_bytes() == 0
+    pretend_cpu(monkeypatch, WITH_BF16)
+    with Upscaler.load(artifacts, device="cpu", precision="fp32") as fp32:
+        assert fp32.backend_name == "onnxruntime-cpu"
 
 
 def test_same_seed_same_noise_on_every_backend(artifacts, upscaler):
@@ -177,8 +196,9 @@ def test_cli_upscales_and_decodes_to_png(artifacts, tmp_path, capsys):
     write_latents(source, x)
     code = main([str(artifacts), "--input", str(source), "--output", str(output), "--scale", "4", "--decode", str(png), "--seed", "3"])
     assert code == 0, capsys.readouterr().err
-    assert "backend onnxruntime-cpu" in capsys.readouterr().out
-    with Upscaler.load(artifacts, device="cpu") as loaded:
+    printed = capsys.readouterr().out
+    with Upscaler.load(artifacts, device="cpu") as loaded:  # what auto chooses here, as the CLI did
+        assert f"backend {loaded.backend_name}" in printed
         torch.testing.assert_close(read_latents(output), loaded.upscale(x, scale=4, seed=3))
     with Image.open(png) as image:
         assert image.size == (12 * 4 * 8, 8 * 4 * 8) and image.mode == "RGB"

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from engines.manifest import load_manifest
 from engines.tensorrt_build import tensorrt_version
 from runtime import BackendUnavailable, Upscaler
+from runtime.cpu import cpu_matrix_units
 from runtime.tensorrt_backend import TensorRTBackend
 
 
@@ -80,3 +83,33 @@ def test_a_graph_gone_since_the_manifest_check_is_named_as_gone_not_as_bf16(smal
     with pytest.raises(BackendUnavailable) as refused:
         OnnxRuntimeBackend(graphs, torch.device("cpu"), provider="cpu")
     assert "unet.fp16.onnx: the file is gone" in str(refused.value) and "bf16" not in str(refused.value)
+
+
+def _kernel_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
+
+
+def test_bf16_units_are_detected_as_the_kernel_reports_them(monkeypatch):
+    flags = _kernel_flags()
+    if not flags:
+        pytest.skip("no /proc/cpuinfo flags here to compare with")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    units = cpu_matrix_units.__wrapped__()
+    assert (units.avx512_bf16, units.amx_bf16) == ("avx512_bf16" in flags, "amx_bf16" in flags)
+    assert units.bf16 == bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
+def test_a_onednn_cap_below_bf16_counts_as_no_bf16_units(monkeypatch):
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE")
+    capped = cpu_matrix_units.__wrapped__()
+    assert not capped.bf16 and "no bf16 matrix units" in capped.describe() and "capped at AVX512_CORE" in capped.describe()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx512_core_bf16")  # oneDNN reads it case-blind
+    below_amx = cpu_matrix_units.__wrapped__()
+    assert not below_amx.amx_bf16
+    if _kernel_flags():
+        assert below_amx.avx512_bf16 == ("avx512_bf16" in _kernel_flags())

@@ -34,6 +34,7 @@ from runtime import Upscaler
 from runtime.backends import BackendUnavailable
 
 from .conftest import SMALL_UNET, SMALL_VAE
+from .cpu_units import WITHOUT_BF16, pretend_cpu
 
 trt = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx is not installed (pip install -e '.[rtx]')")
 
@@ -189,13 +190,14 @@ def test_the_runtime_refuses_the_folder_for_another_gpu_or_flavour(rtx5090_folde
         load_manifest(out, engines=True, flavour="tensorrt", tensorrt_version="10.16.1.11", compute_capability=(12, 0))
 
 
-def test_without_a_gpu_the_tensorrt_backend_refuses_in_one_line_and_auto_says_why(rtx5090_folder):
+def test_without_a_gpu_the_tensorrt_backend_refuses_in_one_line_and_auto_says_why(rtx5090_folder, monkeypatch):
     out, _ = rtx5090_folder
     with pytest.raises(BackendUnavailable) as refused:
         Upscaler.load(out, backend="tensorrt", device="cpu")
     assert str(refused.value) == "TensorRT-RTX needs a CUDA GPU, and this machine has none (cpu asked)"
     if torch.cuda.is_available():
         pytest.skip("auto's choice on a GPU machine is a GPU test")
+    pretend_cpu(monkeypatch, WITHOUT_BF16)  # the CPU's fp32 path: onnxruntime first
     with Upscaler.load(out) as up:  # bf16 graphs: ONNX Runtime's CPU provider refuses them too, torch runs
         assert up.backend_name == "torch" and list(up.skipped_backends) == ["tensorrt", "onnxruntime"]
         assert "the folder's engines need a CUDA GPU" in up.skipped_backends["tensorrt"]
