@@ -14,8 +14,11 @@ Sizes are output image sides in pixels (1024 = latent 64 -> 128). Rows:
 backends it includes the compilation at that shape.
 
 GPU timing uses CUDA events around each call after warm-up; CPU timing uses perf_counter. Each
-row has FLOPs counted on the meta device, achieved TFLOP/s, the share of the GPU's peak (target
-presets), and the speedup over eager fp16 at the same component and size in the same run.
+row has FLOPs counted on the meta device, achieved TFLOP/s, the share of the peak and the speedup
+over the baseline at the same component and size in the same run. GPU: the target preset's fp16
+peak, baseline eager fp16. CPU: the bf16 matrix peak measured here (a 3x3 convolution, 384
+channels, channels-last: what the U-Net is made of; the fp32 figure beside it), baseline ONNX
+Runtime (the fp32 path). ``auto`` rows run what ``Upscaler.load`` chooses here and name it.
 """
 
 from __future__ import annotations
@@ -47,23 +50,29 @@ from .flops import FlopCounter
 
 # The runtime's backends as ``Upscaler`` runs them: (backend, options for Upscaler.load).
 RUNTIME_BACKENDS = {
+    "auto": ("auto", {}),
     "onnxruntime": ("onnxruntime", {}),
     "onnxruntime-nhwc": ("onnxruntime", {}),  # CUDA provider with prefer_nhwc (see RuntimeRunner)
     "tensorrt": ("tensorrt", {}),
     "torch-fp16": ("torch", {"precision": "fp16"}),
+    "torch": ("torch", {}),
     "torch-bf16": ("torch", {"precision": "bf16"}),
+    "torch-bf16-compile": ("torch", {"precision": "bf16", "compile_mode": "default"}),
     "torch-fp16-compile": ("torch", {"precision": "fp16", "compile_mode": "max-autotune-no-cudagraphs"}),
     "torch-fp16-graphs": ("torch", {"precision": "fp16", "compile_mode": "reduce-overhead"}),
 }
 EAGER_DTYPES = {"eager-fp32": torch.float32, "eager-fp16": torch.float16, "eager-bf16": torch.bfloat16, "compile": torch.float16}
 BACKENDS = (*EAGER_DTYPES, *RUNTIME_BACKENDS)
-# What the runners skip on the CPU whatever the folder: half-precision eager models, the torch
-# backend's GPU modes, the CUDA provider's NHWC option, TensorRT (the runners say why).
-GPU_ONLY = ({b for b, dtype in EAGER_DTYPES.items() if dtype != torch.float32}
-            | {b for b, (_, options) in RUNTIME_BACKENDS.items() if options} | {"onnxruntime-nhwc", "tensorrt"})
+# What runs on the CPU: eager fp32, and the runtime's CPU paths (fp32, and bf16 on the matrix
+# units). The runners skip the rest there (half-precision eager models, the torch backend's fp16
+# modes, the CUDA provider's NHWC option, TensorRT) and say why.
+CPU_BACKENDS = ("eager-fp32", "auto", "onnxruntime", "torch", "torch-bf16", "torch-bf16-compile")
+GPU_ONLY = set(BACKENDS) - set(CPU_BACKENDS)
 COMPONENTS = ("cond_encoder", "unet", "vae_decoder", "pipeline", "backend_pass")
 NOISE_MODES = ("device", "cpu")
-BASELINE = "eager-fp16"
+BASELINES = {"cuda": "eager-fp16", "cpu": "onnxruntime"}
+# The CPU peak probe: a U-Net-like 3x3 convolution, channels-last, batch 1.
+PEAK_CONV = {"channels": 384, "side": 64, "kernel": 3}
 PUBLISHED = {"size": 1024, "median_ms": 8.09, "gpu": "NVIDIA GeForce RTX 5090", "backend": "eager-fp16",
              "source": "MODEL.md section 4 (CTGMWorkshop benchmark, model in train mode)"}
 
@@ -207,8 +216,8 @@ class RuntimeRunner:
         from runtime import BackendUnavailable, Upscaler
 
         kind, options = RUNTIME_BACKENDS[backend]
-        if device.type == "cpu" and options:
-            raise Skip(f"{backend} is a GPU benchmark (the CPU runs the torch backend as the fp32 reference)")
+        if device.type == "cpu" and options.get("precision") == "fp16":  # the others say themselves why not
+            raise Skip(f"{backend} is a GPU benchmark (the torch backend's CPU modes: fp32, bf16)")
         try:
             if backend == "onnxruntime-nhwc":
                 self.upscaler = self._nhwc_upscaler(folder, device, noise)
@@ -218,6 +227,7 @@ class RuntimeRunner:
             raise Skip(str(exc)) from exc
         self.device = device
         self.manifest = self.upscaler.manifest
+        self.pass_inputs: dict[int, torch.Tensor] = {}  # the pipeline rows' input per size (seed 0)
 
     @staticmethod
     def _nhwc_upscaler(folder: Path, device: torch.device, noise: str):
@@ -247,6 +257,7 @@ class RuntimeRunner:
             except InvalidLatentsError as exc:
                 raise Skip(str(exc).split(". Rebuild")[0]) from exc
             if component == "pipeline":
+                self.pass_inputs[size] = x
                 return lambda: self.upscaler.upscale(x, scale=2, seed=0, noise=noise)
             backend = self.upscaler.backend
             noise = _DrawnNoise(torch.randn((1, 32, high, high), device=self.device))
@@ -342,6 +353,30 @@ def _flops(models: Models | None, counters: dict, component: str, size: int) -> 
     return total
 
 
+def measured_cpu_peaks(runs: int = 5) -> dict:
+    """TFLOP/s of ``PEAK_CONV`` in fp32 and bf16 on this CPU (median of ``runs``), and its bf16 units.
+
+    Measured, not computed from a datasheet: clocks under a hypervisor are unknown, and the bf16
+    rate depends on the units (AMX, AVX-512 BF16, or neither: emulated).
+    """
+    from runtime.cpu import cpu_matrix_units
+
+    c, side, k = PEAK_CONV["channels"], PEAK_CONV["side"], PEAK_CONV["kernel"]
+    flops = 2 * c * c * k * k * side * side
+    facts = {"bf16_units": cpu_matrix_units().describe(),
+             "peak_probe": f"{k}x{k} convolution, {c} channels, {side}x{side}, channels-last, batch 1"}
+    generator = torch.Generator().manual_seed(0)
+    conv = torch.nn.Conv2d(c, c, k, padding=k // 2, bias=False)
+    x = torch.randn(1, c, side, side, generator=generator)
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        layer = copy.deepcopy(conv).to(dtype=dtype, memory_format=torch.channels_last)
+        data = x.to(dtype).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            times, _ = time_call(lambda: layer(data), torch.device("cpu"), runs, warmup=2)
+        facts[f"peak_tflops_{name}_measured"] = flops / (statistics.median(times) * 1e-3) / 1e12
+    return facts
+
+
 def machine_facts(device: torch.device) -> dict:
     facts = {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
              "cpu": platform.processor() or platform.machine(), "cpu_threads": torch.get_num_threads()}
@@ -357,6 +392,8 @@ def machine_facts(device: torch.device) -> dict:
 def run_benchmark(args: argparse.Namespace, log=print) -> dict:
     device = torch.device(args.device)
     machine = machine_facts(device)
+    if device.type == "cpu":
+        machine.update(measured_cpu_peaks())
     try:
         models = Models(args.artifacts, ["cond_encoder", "unet", "vae_decoder"])
     except Exception as exc:  # weights not recorded or not reachable: eager rows are skipped
@@ -387,8 +424,9 @@ def run_benchmark(args: argparse.Namespace, log=print) -> dict:
                         rows.append(row)
         if isinstance(runner, RuntimeRunner):
             runner.close()
-    _derive(rows, machine.get("peak_tflops_fp16"))
-    return {"machine": machine, "command": args.command, "rows": rows, "skipped": skipped,
+    baseline = BASELINES[device.type]
+    _derive(rows, machine.get("peak_tflops_fp16" if device.type == "cuda" else "peak_tflops_bf16_measured"), baseline)
+    return {"machine": machine, "command": args.command, "rows": rows, "skipped": skipped, "baseline": baseline,
             "overhead": runtime_overhead(rows), "published": PUBLISHED, "schema_version": 1}
 
 
@@ -418,9 +456,25 @@ def _measure_row(runner, backend: str, component: str, size: int, noise: str | N
         "p90_ms": _percentile(times, 0.9), "runs": len(times), "first_call_ms": first,
         "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "flops": flops,
+        # what ran: auto's choice, the torch backend's mode (backend names as Upscaler.backend_name)
+        "runs_as": runner.upscaler.backend_name if isinstance(runner, RuntimeRunner) else backend,
     }
-    log(f"{label}: median {row['median_ms']:.2f} ms")
+    if through_runtime and row["noise"] == "cpu" and device.type == "cpu" and models is not None:
+        row.update(_x0_error(fn(), runner.pass_inputs[size], models))
+    log(f"{label}: median {row['median_ms']:.2f} ms" + (f", x0 rel-L2 {row['x0_rel_l2']:.2e} vs fp32 eager"
+                                                          if "x0_rel_l2" in row else ""))
     return row
+
+
+def _x0_error(x0: torch.Tensor, latents_small: torch.Tensor, models: Models) -> dict:
+    """rel-L2 and max-abs of a runtime pass's ``x0`` against the fp32 eager reference (same input,
+    seed 0, the CPU noise convention): the accuracy gate's figures."""
+    from export.reference import upscale
+
+    with full_fp32(), torch.inference_mode():
+        reference = upscale(models.models.unet, latents_small, 2, seed=0).double()
+    diff = x0.double() - reference
+    return {"x0_rel_l2": float(diff.norm() / reference.norm()), "x0_max_abs": float(diff.abs().max())}
 
 
 def runtime_overhead(rows: list[dict]) -> list[dict]:
@@ -442,34 +496,43 @@ def runtime_overhead(rows: list[dict]) -> list[dict]:
     return overhead
 
 
-def _derive(rows: list[dict], peak: float | None) -> None:
-    baseline = {(r["component"], r["size"]): r["median_ms"] for r in rows if r["backend"] == BASELINE}
+def _derive(rows: list[dict], peak: float | None, baseline_backend: str) -> None:
+    baseline = {(r["component"], r["size"]): r["median_ms"] for r in rows if r["backend"] == baseline_backend}
     for row in rows:
         flops = row["flops"]
         row["tflops"] = flops / (row["median_ms"] * 1e-3) / 1e12 if flops else None
         row["percent_of_peak"] = 100 * row["tflops"] / peak if peak and row["tflops"] else None
         row["floor_ms"] = flops / (peak * 1e12) * 1e3 if peak and flops else None
         base = baseline.get((row["component"], row["size"]))
-        row["speedup_vs_eager_fp16"] = base / row["median_ms"] if base else None
+        row["speedup"] = base / row["median_ms"] if base else None
 
 
 def markdown(result: dict) -> str:
     machine = result["machine"]
     where = machine.get("gpu", f"CPU ({machine['cpu']}, {machine['cpu_threads']} threads)")
-    lines = [f"Machine: {where}; torch {machine['torch']}. Command: `{result['command']}`", "",
-             "| backend | component | through runtime (noise) | size px | median ms | p10 | p90 | first call ms | GFLOP | TFLOP/s "
-             "| % peak | floor ms | speedup vs eager-fp16 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    baseline = result.get("baseline", BASELINES["cuda"])
+    lines = [f"Machine: {where}; torch {machine['torch']}. Command: `{result['command']}`", ""]
+    if "peak_tflops_bf16_measured" in machine:
+        lines += [f"CPU peak, measured ({machine['peak_probe']}): bf16 {machine['peak_tflops_bf16_measured']:.3f} TFLOP/s, "
+                  f"fp32 {machine['peak_tflops_fp32_measured']:.3f} TFLOP/s; bf16 units: {machine['bf16_units']}. "
+                  "% peak and floor ms are against the bf16 figure. x0 rel-L2: the pass's output against the fp32 "
+                  "eager reference (same input, seed 0).", ""]
+    lines += ["| backend | component | through runtime (noise) | size px | median ms | p10 | p90 | first call ms | GFLOP | TFLOP/s "
+              f"| % peak | floor ms | speedup vs {baseline} | x0 rel-L2 |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def fmt(value, spec):
         return "-" if value is None else format(value, spec)
 
     for r in result["rows"]:
+        ran = r.get("runs_as", r["backend"])
+        name = r["backend"] if ran in (r["backend"], f"{r['backend']}-cpu") else f"{r['backend']} ({ran})"
         lines.append(
-            f"| {r['backend']} | {r['component']} | {'yes (' + r['noise'] + ')' if r['through_runtime'] else 'no'} | "
+            f"| {name} | {r['component']} | {'yes (' + r['noise'] + ')' if r['through_runtime'] else 'no'} | "
             f"{r['size']} | {r['median_ms']:.2f} | {r['p10_ms']:.2f} | {r['p90_ms']:.2f} | {fmt(r['first_call_ms'], '.1f')} | "
             f"{fmt(r['flops'] and r['flops'] / 1e9, '.4g')} | {fmt(r['tflops'], '.3g')} | "
-            f"{fmt(r['percent_of_peak'], '.1f')} | {fmt(r['floor_ms'], '.3g')} | {fmt(r['speedup_vs_eager_fp16'], '.2f')} |"
+            f"{fmt(r['percent_of_peak'], '.1f')} | {fmt(r['floor_ms'], '.3g')} | {fmt(r['speedup'], '.2f')} | "
+            f"{fmt(r.get('x0_rel_l2'), '.2e')} |"
         )
     published = result["published"]
     measured = [r for r in result["rows"] if r["backend"] == published["backend"] and r["component"] == "pipeline"

@@ -12,6 +12,7 @@ from benchmarks.memory import ChainEstimate
 from benchmarks.memory import main as memory_main
 from calib.accuracy import main as accuracy_main
 from engines.manifest import EngineRecord, load_manifest
+from runtime import Upscaler
 
 @pytest.fixture(scope="module")
 def artifacts(small_artifacts):
@@ -21,21 +22,34 @@ def artifacts(small_artifacts):
 def test_cpu_run_writes_json_markdown_and_png_and_reports_what_it_skipped(artifacts, tmp_path, capsys):
     paths = {k: tmp_path / f"bench.{k}" for k in ("json", "md", "png")}
     code = main([
-        "--artifacts", str(artifacts), "--device", "cpu", "--backends", "eager-fp32,onnxruntime,eager-fp16,tensorrt",
+        "--artifacts", str(artifacts), "--device", "cpu", "--backends", "eager-fp32,onnxruntime,auto,eager-fp16,tensorrt",
         "--sizes", "256,512", "--components", "cond_encoder,unet,pipeline,backend_pass,vae_decoder", "--runs", "2", "--warmup", "1",
         "--json", str(paths["json"]), "--markdown", str(paths["md"]), "--plot", str(paths["png"]),
     ])
     assert code == 0
     result = json.loads(paths["json"].read_text())
-    rows = {(r["backend"], r["component"], r["size"]): r for r in result["rows"]}
+    auto = [r for r in result["rows"] if r["backend"] == "auto"]
+    with Upscaler.load(artifacts, device="cpu") as chosen:  # auto rows run what Upscaler.load chooses here
+        assert {r["runs_as"] for r in auto} == {chosen.backend_name}
+    rows = {(r["backend"], r["component"], r["size"]): r for r in result["rows"] if r["backend"] != "auto"}
     components = ("cond_encoder", "unet", "pipeline", "vae_decoder")
     assert set(rows) == {(b, c, s) for b in ("eager-fp32", "onnxruntime") for c in components for s in (256, 512)} | {
         ("onnxruntime", "backend_pass", s) for s in (256, 512)}
+    machine = result["machine"]  # the CPU's measured peaks: bf16 is what % peak is against
+    assert machine["peak_tflops_fp32_measured"] > 0 and machine["peak_tflops_bf16_measured"] > 0
+    assert result["baseline"] == "onnxruntime"
+    for (backend, component, size), row in rows.items():
+        assert row["percent_of_peak"] == pytest.approx(100 * row["tflops"] / machine["peak_tflops_bf16_measured"])
+        if backend == "onnxruntime":
+            assert row["speedup"] == 1.0
+    for size in (256, 512):  # the pass's x0 against fp32 eager: within the fp16 graphs' gate, and not exact
+        assert 1e-6 < rows[("onnxruntime", "pipeline", size)]["x0_rel_l2"] < 5e-3
+        assert 1e-6 < next(r for r in auto if r["component"] == "pipeline" and r["size"] == size)["x0_rel_l2"] < 3e-2
     for (backend, component, _), row in rows.items():
         assert row["p10_ms"] <= row["median_ms"] <= row["p90_ms"] and row["runs"] == 2
         assert row["first_call_ms"] > 0
         # only the runtime backend's pipeline goes through Upscaler.upscale; on the CPU with its convention
-        assert row["through_runtime"] == (backend == "onnxruntime" and component == "pipeline")
+        assert row["through_runtime"] == (backend in ("onnxruntime", "auto") and component == "pipeline")
         assert row["noise"] == ("cpu" if row["through_runtime"] else None)
         assert row["tflops"] == pytest.approx(row["flops"] / (row["median_ms"] * 1e-3) / 1e12)
     # FLOPs scale with area (attention-free), the same for every backend at a size
@@ -44,8 +58,10 @@ def test_cpu_run_writes_json_markdown_and_png_and_reports_what_it_skipped(artifa
     assert rows[("onnxruntime", "unet", 512)]["flops"] == unet
     # the runtime's overhead: Upscaler.upscale minus the backend's pass alone, for the runtime backend only
     overhead = {(o["backend"], o["size"]): o for o in result["overhead"]}
-    assert set(overhead) == {("onnxruntime", 256), ("onnxruntime", 512)}
+    assert set(overhead) == {(b, s) for b in ("onnxruntime", "auto") for s in (256, 512)}
     for (backend, size), o in overhead.items():
+        if backend == "auto":
+            continue
         alone = rows[(backend, "backend_pass", size)]["median_ms"]
         assert o["overhead_ms"] == pytest.approx(rows[(backend, "pipeline", size)]["median_ms"] - alone)
     assert rows[("onnxruntime", "backend_pass", 512)]["flops"] == rows[("onnxruntime", "pipeline", 512)]["flops"]
