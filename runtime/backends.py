@@ -356,7 +356,11 @@ class TorchBackend(Backend):
         device: torch.device,
         precision: str = "fp32",
         compile_mode: str | None = None,
+        offline: bool = False,
     ):
+        """``offline``: rebuild from local weights (files, the Hugging Face cache) only, never a
+        download: what ``auto`` asks, so that a folder copied without its weights falls back to
+        its graphs at once."""
         if precision not in TORCH_PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(TORCH_PRECISIONS)}, got {precision!r}")
         if compile_mode is not None and compile_mode not in COMPILE_MODES:
@@ -367,9 +371,10 @@ class TorchBackend(Backend):
         from export.models.weights_record import models_from_weights_record
 
         try:
-            models = models_from_weights_record(manifest.weights, list(manifest.components))
+            models = models_from_weights_record(manifest.weights, list(manifest.components), offline=offline)
         except (ValueError, TypeError, KeyError, CheckpointError) as exc:  # a hand-edited weight record too
-            raise BackendUnavailable(f"the torch backend cannot rebuild the models: {exc}") from exc
+            hint = " (without downloading; backend='torch' may download them)" if offline else ""
+            raise BackendUnavailable(f"the torch backend cannot rebuild the models{hint}: {exc}") from exc
         self.device, self.precision, self.compile_mode = device, precision, compile_mode
         self.name = "torch" if precision == "fp32" and compile_mode is None else (
             f"torch-{precision}" + (f"-compile-{compile_mode}" if compile_mode else "")

@@ -376,7 +376,8 @@ class Upscaler:
         order: tuple[str, ...] = (backend,)
         if backend == "auto":
             order, precision = _auto_order(device, manifest, precision)
-        torch_options = {"precision": precision or "fp32", "compile_mode": compile_mode}
+        # auto never downloads weights: a folder copied without them falls back to its graphs at once
+        torch_options = {"precision": precision or "fp32", "compile_mode": compile_mode, "offline": backend == "auto"}
         skipped = {}
         if backend == "auto" and device.type != "cuda" and any(c.engine.built for c in manifest.components.values()):
             # said, not warned: a CPU machine loading a folder built for a GPU is the normal case here

@@ -3,6 +3,8 @@ fp32 eager reference chain, input checks, concurrency, tiled decoding and the CL
 
 from __future__ import annotations
 
+import json
+import shutil
 import threading
 
 import numpy as np
@@ -10,10 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
+from engines.manifest import MANIFEST_NAME
 from export.models import VAEDecoder
 from export.onnx.components import Models
 from export.reference import upscale as reference_upscale
-from runtime import InvalidLatentsError, SizeOutOfRangeError, Upscaler
+from runtime import BackendUnavailable, InvalidLatentsError, SizeOutOfRangeError, Upscaler
 from runtime.backends import Backend
 from runtime.latents import pack, read_latents, write_latents
 from runtime.tiling import decode_tiled, tile_starts
@@ -274,3 +277,31 @@ def test_returned_tensors_own_their_memory_whatever_the_backend_reuses(artifacts
         expected = kept.clone()
         call(second)
         assert torch.equal(kept, expected)
+
+
+def test_auto_never_downloads_weights_a_folder_was_built_from(artifacts, tmp_path, monkeypatch):
+    """A folder copied to a server without its checkpoint: auto's torch path looks in the local
+    Hugging Face cache only, then runs the graphs at once; backend="torch" may download."""
+    import huggingface_hub
+
+    copied = tmp_path / "copied"
+    shutil.copytree(artifacts, copied)
+    manifest = json.loads((copied / MANIFEST_NAME).read_text())
+    manifest["weights"]["unet"]["source"] = "flow-upscaler-tests/not-cached"
+    (copied / MANIFEST_NAME).write_text(json.dumps(manifest))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    asked: list[bool] = []
+
+    def no_download(repo_id, filename, local_files_only=False, **options):
+        asked.append(local_files_only)
+        raise huggingface_hub.errors.LocalEntryNotFoundError(f"{repo_id}/{filename} is not cached (test)")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_download)
+    pretend_cpu(monkeypatch, WITH_BF16)
+    with Upscaler.load(copied, device="cpu") as auto:
+        assert auto.backend_name == "onnxruntime-cpu"
+        assert "without downloading" in auto.skipped_backends["torch"]
+    assert asked == [True]
+    with pytest.raises(BackendUnavailable, match="is not in the local cache"):
+        Upscaler.load(copied, backend="torch", device="cpu")
+    assert asked == [True, False]

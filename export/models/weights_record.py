@@ -10,10 +10,11 @@ from ..checkpoint import load_unet, load_vae, random_vae, weights_digest
 from .components import PARTS, Models
 
 
-def models_from_weights_record(weights: dict, components: list[str]) -> Models:
+def models_from_weights_record(weights: dict, components: list[str], offline: bool = False) -> Models:
     """Rebuild the fp32 eager models a manifest's graphs were exported from, and prove it.
 
-    Raises ValueError when the record lacks a source or the loaded weights' digest differs.
+    ``offline``: local files and the Hugging Face cache only, no download. Raises ValueError when
+    the record lacks a source or the loaded weights' digest differs.
     """
     models = Models()
     for needs in sorted({PARTS[c].needs for c in components}):
@@ -25,9 +26,10 @@ def models_from_weights_record(weights: dict, components: list[str]) -> Models:
             )
         random, source, config = entry["source"] == "random", entry["source"], entry.get("config", {})
         if needs == "unet":
-            model = load_unet(None if random else source, random_weights=random, seed=entry.get("seed", 0), **config)
+            model = load_unet(None if random else source, random_weights=random, seed=entry.get("seed", 0),
+                              offline=offline, **config)
         else:
-            model = random_vae(entry.get("seed", 0), **config) if random else load_vae(source)
+            model = random_vae(entry.get("seed", 0), **config) if random else load_vae(source, offline=offline)
         if weights_digest(model) != entry["sha256"]:
             raise ValueError(
                 f"the {needs} weights from {source!r} differ from the ones the artifacts were built from "
