@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from calib.data import load_calibration_set
 from engines.manifest import load_manifest
 from engines.targets import PRESETS
 from export.build import BuildSettings, build_artifacts
@@ -48,7 +49,9 @@ build_artifacts(models, settings, Path(sys.argv[1]), log=lambda line: print(line
 
 
 def _settings() -> BuildSettings:
-    return BuildSettings(target=PRESETS["rtx4090"].with_range(64, 512), precision="fp16", vae_precision="fp32")
+    # One small calibration sample for the finishing build's accuracy gate, which is not what this checks.
+    return BuildSettings(target=PRESETS["rtx4090"].with_range(64, 512), precision="fp16", vae_precision="fp32",
+                         calibration=load_calibration_set(size=1, side=8))
 
 
 def _upscale(folder: Path) -> torch.Tensor:
@@ -87,6 +90,24 @@ def working(small_artifacts, tmp_path_factory) -> tuple[Path, torch.Tensor]:
     return small_artifacts, _upscale(small_artifacts)
 
 
+@pytest.fixture(scope="module")
+def stopped(working, tmp_path_factory):
+    """``stopped(marker, sig)``: (a copy of the working folder with a build stopped at ``marker`` by
+    ``sig`` in it, the build's exit status), each build run once per module. The tests copy the
+    folder before they change it: the SIGKILL at vae_decoder serves two tests."""
+    source, _ = working
+    done: dict[tuple[str, int], tuple[Path, int]] = {}
+
+    def stop(marker: str, sig: int) -> tuple[Path, int]:
+        if (marker, sig) not in done:
+            folder = tmp_path_factory.mktemp("stopped") / "artifacts"
+            shutil.copytree(source, folder)
+            done[marker, sig] = folder, _stop_build_at(folder, marker, sig)
+        return done[marker, sig]
+
+    return stop
+
+
 @pytest.mark.parametrize(
     "marker, sig",
     [
@@ -95,23 +116,23 @@ def working(small_artifacts, tmp_path_factory) -> tuple[Path, torch.Tensor]:
         ("unet (fp16)", signal.SIGINT),  # Ctrl-C: the build cleans up after itself
     ],
 )
-def test_a_stopped_build_leaves_the_folder_as_it_was(working, tmp_path, marker, sig):
+def test_a_stopped_build_leaves_the_folder_as_it_was(working, stopped, tmp_path, marker, sig):
     source, before = working
+    manifest = (source / "manifest.json").read_bytes()
+    stopped_folder, code = stopped(marker, sig)
+    assert code != 0
     folder = tmp_path / "artifacts"
-    shutil.copytree(source, folder)
-    manifest = (folder / "manifest.json").read_bytes()
-    assert _stop_build_at(folder, marker, sig) != 0
+    shutil.copytree(stopped_folder, folder)
     assert (folder / "manifest.json").read_bytes() == manifest
     assert torch.equal(_upscale(folder), before)
     if sig == signal.SIGINT:
         assert _unnamed_files(folder) == [] and not list(folder.rglob(".staging*"))
 
 
-def test_the_next_run_cleans_up_a_killed_build_and_finishes(working, tmp_path):
-    source, before = working
+def test_the_next_run_cleans_up_a_killed_build_and_finishes(working, stopped, tmp_path):
+    _, before = working
     folder = tmp_path / "artifacts"
-    shutil.copytree(source, folder)
-    _stop_build_at(folder, "vae_decoder (fp32)", signal.SIGKILL)
+    shutil.copytree(stopped("vae_decoder (fp32)", signal.SIGKILL)[0], folder)
     assert _unnamed_files(folder)  # the killed build's graphs are still there
     models = Models(unet=load_unet(random_weights=True, seed=NEW_SEED, **SMALL_UNET), vae=random_vae(NEW_SEED, **SMALL_VAE))
     build_artifacts(models, _settings(), folder, log=lambda line: None)
