@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from calib.data import load_calibration_set
 from engines.manifest import MANIFEST_NAME, load_manifest, read_manifest, sha256_file
 from engines.targets import PRESETS
 from export.build import BuildSettings, build_artifacts
@@ -22,6 +23,9 @@ from export.reference import upscale as reference_upscale
 from runtime.numerics import full_fp32
 
 ROOT = Path(__file__).resolve().parents[1]
+# The builds here gate on one small calibration sample: the gate's samples are not in the check
+# set's key nor what it stores, and the default four 32x32 ones took most of each build's time.
+ONE_SAMPLE = dict(size=1, side=8)
 
 
 def _check(folder: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -149,7 +153,8 @@ def test_fp32_graphs_get_fp32_limits_and_pass(small_models, tmp_path):
     """fp32 graphs take the encoder's outputs in fp32: the same values under two names in the file."""
     random = {"source": "random", "seed": 0}
     settings = BuildSettings(target=PRESETS["rtx4090"].with_range(64, 128), precision="fp32", vae_precision="fp32",
-                             components=("cond_encoder", "unet"), weights={"unet": random}, engine_flavour="tensorrt")
+                             components=("cond_encoder", "unet"), weights={"unet": random}, engine_flavour="tensorrt",
+                             calibration=load_calibration_set(**ONE_SAMPLE))
     record = build_artifacts(small_models, settings, tmp_path / "fp32", log=lambda line: None).check_set
     assert record.components["unet"]["limits"]["velocity"]["rel_l2"] == 1e-4
     assert record.whole_pass["limits"] == {"rel_l2": 1e-4, "max_abs": 1e-3}
@@ -160,10 +165,11 @@ def test_fp32_graphs_get_fp32_limits_and_pass(small_models, tmp_path):
 
 
 def _small_settings(seed: int = 0) -> BuildSettings:
-    """The settings of the ``small_artifacts`` fixture (tests/conftest.py)."""
+    """The settings of the ``small_artifacts`` fixture (tests/conftest.py), but for the gate's calibration."""
     random = {"source": "random", "seed": 0}
     return BuildSettings(target=PRESETS["rtx4090"].with_range(64, 512), precision="fp16", vae_precision="fp32",
-                         weights={"unet": random, "vae": random}, seed=seed)
+                         weights={"unet": random, "vae": random}, seed=seed,
+                         calibration=load_calibration_set(**ONE_SAMPLE))
 
 
 def test_a_rerun_reuses_the_check_set_and_a_new_one_replaces_the_old(small_artifacts, small_models, tmp_path):
