@@ -354,16 +354,18 @@ def _flops(models: Models | None, counters: dict, component: str, size: int) -> 
 
 
 def measured_cpu_peaks(runs: int = 5) -> dict:
-    """TFLOP/s of ``PEAK_CONV`` in fp32 and bf16 on this CPU (median of ``runs``), and its bf16 units.
+    """TFLOP/s of ``PEAK_CONV`` in fp32 and bf16 on this CPU (median of ``runs``), its bf16 units,
+    and which of the two is its peak (bf16 with the units; fp32 without, where bf16 is emulated).
 
     Measured, not computed from a datasheet: clocks under a hypervisor are unknown, and the bf16
-    rate depends on the units (AMX, AVX-512 BF16, or neither: emulated).
+    rate depends on the units (AMX, AVX-512 BF16, or neither).
     """
     from runtime.cpu import cpu_matrix_units
 
     c, side, k = PEAK_CONV["channels"], PEAK_CONV["side"], PEAK_CONV["kernel"]
     flops = 2 * c * c * k * k * side * side
-    facts = {"bf16_units": cpu_matrix_units().describe(),
+    units = cpu_matrix_units()
+    facts = {"bf16_units": units.describe(), "peak_precision": "bf16" if units.bf16 else "fp32",
              "peak_probe": f"{k}x{k} convolution, {c} channels, {side}x{side}, channels-last, batch 1"}
     generator = torch.Generator().manual_seed(0)
     conv = torch.nn.Conv2d(c, c, k, padding=k // 2, bias=False)
@@ -425,7 +427,9 @@ def run_benchmark(args: argparse.Namespace, log=print) -> dict:
         if isinstance(runner, RuntimeRunner):
             runner.close()
     baseline = BASELINES[device.type]
-    _derive(rows, machine.get("peak_tflops_fp16" if device.type == "cuda" else "peak_tflops_bf16_measured"), baseline)
+    peak = (machine.get("peak_tflops_fp16") if device.type == "cuda"
+            else machine[f"peak_tflops_{machine['peak_precision']}_measured"])
+    _derive(rows, peak, baseline)
     return {"machine": machine, "command": args.command, "rows": rows, "skipped": skipped, "baseline": baseline,
             "overhead": runtime_overhead(rows), "published": PUBLISHED, "schema_version": 1}
 
@@ -515,7 +519,7 @@ def markdown(result: dict) -> str:
     if "peak_tflops_bf16_measured" in machine:
         lines += [f"CPU peak, measured ({machine['peak_probe']}): bf16 {machine['peak_tflops_bf16_measured']:.3f} TFLOP/s, "
                   f"fp32 {machine['peak_tflops_fp32_measured']:.3f} TFLOP/s; bf16 units: {machine['bf16_units']}. "
-                  "% peak and floor ms are against the bf16 figure. x0 rel-L2: the pass's output against the fp32 "
+                  f"% peak and floor ms are against the {machine['peak_precision']} figure. x0 rel-L2: the pass's output against the fp32 "
                   "eager reference (same input, seed 0).", ""]
     lines += ["| backend | component | through runtime (noise) | size px | median ms | p10 | p90 | first call ms | GFLOP | TFLOP/s "
               f"| % peak | floor ms | speedup vs {baseline} | x0 rel-L2 |",
