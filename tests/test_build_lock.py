@@ -35,6 +35,8 @@ from export.pipeline.settings import BuildSettings
 from runtime import Upscaler
 from runtime import upscaler as upscaler_module
 
+from .cpu_units import WITHOUT_BF16, pretend_cpu
+
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_BUILD = """
 import sys
@@ -352,6 +354,7 @@ def test_a_load_that_read_the_old_manifest_when_a_build_finished_loads_the_new_o
             super().__init__(graphs, *args, **kwargs)
 
     monkeypatch.setattr(upscaler_module, "OnnxRuntimeBackend", BuildFinishesNow)
+    pretend_cpu(monkeypatch, WITHOUT_BF16)  # auto on the CPU's fp32 path: ONNX Runtime first
     with Upscaler.load(folder, backend=backend, device="cpu") as upscaler:
         assert upscaler.backend_name == "onnxruntime-cpu" and "onnxruntime" not in upscaler.skipped_backends
         assert all("onnx/next-" in record.onnx_file for record in upscaler.manifest.components.values())
