@@ -11,6 +11,7 @@ import pytest
 from benchmarks.serving import Load, ServingBenchmarkError, main, measure, server_facts
 from engines.errors import FlowUpscalerError
 from engines.manifest import load_manifest
+from runtime import Upscaler
 from runtime.serving.ready import ReadyCheck
 from runtime.serving.repository import ServedModel, this_python_path, write_repository
 from runtime.serving.server import Ports, TritonServer, free_port
@@ -38,7 +39,8 @@ def test_started_server_rows_per_client_count_then_stopped(small_artifacts, tmp_
     assert (result["scale"], result["batch"]) == (2, 2)
     server = result["server"]
     assert server["started_here"] and server["startup_s"] > 0
-    assert (server["backend"], server["backend_resolved"], server["device"]) == ("auto", "onnxruntime-cpu", "cpu")
+    with Upscaler.load(small_artifacts, device="cpu") as chosen:  # what auto chooses on this CPU, as the server did
+        assert (server["backend"], server["backend_resolved"], server["device"]) == ("auto", chosen.backend_name, "cpu")
     assert (server["max_batch"], server["instances"], server["max_queue_delay_us"]) == (4, 1, 500)
     assert result["machine"]["cpu_count"] >= 1 and result["machine"]["torch"]
     assert [r["clients"] for r in result["rows"]] == [1, 2]
