@@ -65,6 +65,12 @@ class Backend(ABC):
     def close(self) -> None:
         """Free what the backend holds; it cannot run afterwards."""
 
+    def run_precision(self, component: str) -> str | None:
+        """The float precision this backend runs ``component`` in when it is not the folder's graph's
+        own (the torch backend's modes); None: as built. The check set holds it to that precision's
+        limits (``runtime.checkset``)."""
+        return None
+
     def verification_identity(self) -> dict | None:
         """What makes this backend's results on this machine its own (engine hashes, GPU, driver,
         runtime version), for backends whose engines were built where they could not run: the
@@ -456,6 +462,11 @@ class TorchBackend(Backend):
         return {
             n: self._handed_over(r) if n in part.fp32_outputs else r for n, r in zip(part.outputs, result)
         }
+
+    def run_precision(self, component: str) -> str | None:
+        if self.precision == "fp32":
+            return "fp32"
+        return "bf16" if self._parts[component].needs == "vae" else self.precision
 
     def memory_bytes(self) -> int:
         if self.device.type == "cpu":

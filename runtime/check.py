@@ -49,6 +49,8 @@ def check_command(argv: list[str] | None = None) -> int:
         print(f"  (auto skipped {kind}: {why})")
     for line in result.lines():
         print(f"  {line}")
+    for note in result.notes:
+        print(f"  note: {note}")
     if result.passed:
         print(f"PASS: {len(result.outputs)} outputs within their limits")
         return 0

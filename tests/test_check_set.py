@@ -20,6 +20,8 @@ from export.build import BuildSettings, build_artifacts
 from export.models import ConditioningEncoder, UNetBody
 from export.pipeline.folder import ArtifactFolder
 from export.reference import upscale as reference_upscale
+from runtime import Upscaler
+from runtime.checkset import run_check_set
 from runtime.numerics import full_fp32
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,6 +99,34 @@ def test_limits_are_the_validation_tolerances_and_the_gate_thresholds(small_arti
     assert unet["rel_l2"] == 1e-2 and unet["max_abs"] == pytest.approx(5e-2 * max(1.0, largest))  # fp16 graph
     assert record.components["vae_decoder"]["limits"]["image"]["rel_l2"] == 1e-4  # fp32 graph
     assert record.whole_pass["precision"] == "fp16" and record.whole_pass["limits"] == {"rel_l2": 5e-3, "max_abs": 5e-2}
+
+
+def test_limits_of_the_other_float_precisions_are_stored_beside(small_artifacts):
+    record = read_manifest(small_artifacts).check_set
+    tensors = load_file(str(small_artifacts / record.file))
+    unet = record.components["unet"]["precision_limits"]
+    largest = float(tensors["unet/outputs/velocity"].abs().max())
+    assert set(unet) == {"bf16"} and unet["bf16"]["velocity"] == {"rel_l2": 5e-2, "max_abs": pytest.approx(
+        0.25 * max(1.0, largest))}  # bf16's validation tolerance, for the fp16 graph run in bf16
+    assert set(record.components["vae_decoder"]["precision_limits"]) == {"fp16", "bf16"}  # an fp32 graph
+    assert record.whole_pass["precision_limits"] == {"bf16": {"rel_l2": 3e-2, "max_abs": 0.25}}  # bf16's gate
+
+
+def test_the_torch_backend_in_bf16_is_held_to_bf16_limits(small_artifacts):
+    """What auto runs on a CPU with bf16 units, checked against the limits of the precision it runs
+    (it exceeds the fp16 graph's own on the full-size model); a check set without them says so."""
+    with Upscaler.load(small_artifacts, backend="torch", precision="bf16", device="cpu") as upscaler:
+        manifest = upscaler.manifest
+        result = run_check_set(upscaler.backend, small_artifacts, manifest)
+        precisions = {(o.component, o.output): (o.precision, o.limits["rel_l2"]) for o in result.outputs}
+        assert precisions[("unet", "velocity")] == ("bf16", 5e-2) and precisions[("pass", "x0")] == ("bf16", 3e-2)
+        assert precisions[("vae_decoder", "image")] == ("bf16", 5e-2) and result.passed and not result.notes
+        for entry in (*manifest.check_set.components.values(), manifest.check_set.whole_pass):
+            entry.pop("precision_limits")  # a check set built before they were stored
+        older = run_check_set(upscaler.backend, small_artifacts, manifest)
+    assert {(o.component, o.precision) for o in older.outputs if o.output in ("velocity", "x0")} == {
+        ("unet", "fp16"), ("pass", "fp16")}
+    assert len(older.notes) == 4 and "runs in bf16 here; the check set holds only fp16 limits" in older.notes[0]
 
 
 def test_runtime_check_passes_on_onnxruntime_cpu(small_artifacts):

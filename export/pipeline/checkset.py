@@ -20,6 +20,9 @@ the build or ``calib`` (DESIGN.md "Layering"):
 - the pass, the accuracy gate's limits for the U-Net precision (``calib.thresholds.THRESHOLDS``:
   rel-L2 and max-abs of ``x0``; no decoded PSNR, which needs the eager decoder).
 - fp32 components built with TF32 allowed get the fp16 limits: TF32 keeps fp16's 10-bit mantissa.
+- beside those, float components and the pass store the limits of the other float precisions a
+  runtime may run them in (``precision_limits``: fp16, bf16), so that the torch backend in bf16 on
+  a CPU (what ``auto`` runs there) is held to bf16's limits, not to the fp16 graph's.
 
 Reused when the components' graphs (file hashes), precisions and first profiles, the weights, the
 seed, the TF32 option and the source of every project module this stage imports are unchanged.
@@ -106,6 +109,16 @@ def pass_limits(precision: str, tf32: bool) -> dict[str, float]:
     return {"rel_l2": limits.rel_l2, "max_abs": limits.max_abs}
 
 
+# Float precisions a runtime may run a float graph's component in other than the graph's own: the
+# torch backend runs bf16 on CPUs with bf16 units (``auto``), fp16 or bf16 when asked. The check set
+# stores their limits too, so such a run is held to the limits of what it runs.
+RUN_PRECISIONS = ("fp16", "bf16")
+
+
+def _other_precisions(precision: str) -> list[str]:
+    return [p for p in RUN_PRECISIONS if p != precision] if precision in TOLERANCES else []
+
+
 def _errors_limits(tolerance: Tolerance, reference: torch.Tensor) -> dict[str, float]:
     scale = max(1.0, float(reference.abs().max())) if reference.numel() else 1.0
     return {"rel_l2": tolerance.rel_l2, "max_abs": tolerance.max_abs * scale}
@@ -177,6 +190,7 @@ class MakeCheckSet:
         outputs = spec.module(self.models)(*(x.float() for x in raw))
         outputs = {n: y.float() for n, y in zip(spec.outputs, (outputs,) if isinstance(outputs, torch.Tensor) else outputs)}
         tolerance = component_limits(record.precision, self.settings.options.tf32)
+        others = {p: component_limits(p, False) for p in _other_precisions(record.precision)}
         tensors.update({tensor_name(name, "inputs", n): x for n, x in inputs.items()})
         tensors.update({tensor_name(name, "outputs", n): y for n, y in outputs.items()})
         entry = {
@@ -185,6 +199,7 @@ class MakeCheckSet:
             "inputs": {n: list(s) for n, s in shapes.items()},
             "outputs": {n: list(y.shape) for n, y in outputs.items()},
             "limits": {n: _errors_limits(tolerance, y) for n, y in outputs.items()},
+            "precision_limits": {p: {n: _errors_limits(t, y) for n, y in outputs.items()} for p, t in others.items()},
         }
         return entry, outputs
 
@@ -212,4 +227,5 @@ class MakeCheckSet:
             "tensors": {"latents_small": tensor_name("cond_encoder", "inputs", "latents_small"),
                         "noise": tensor_name("unet", "inputs", "sample"), "x0": tensor_name(PASS, "", "x0")},
             "limits": pass_limits(precision, self.settings.options.tf32),
+            "precision_limits": {p: pass_limits(p, False) for p in _other_precisions(precision)},
         }
