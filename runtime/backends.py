@@ -371,16 +371,24 @@ class TorchBackend(Backend):
             raise ValueError(f"precision must be one of {', '.join(TORCH_PRECISIONS)}, got {precision!r}")
         if compile_mode is not None and compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode must be one of {', '.join(COMPILE_MODES)} or None, got {compile_mode!r}")
-        from export.checkpoint import CheckpointError
-        from export.models.components import PARTS, Models
-        from export.models.precision import DEFAULT_POLICY, apply_policy, typed_part
-        from export.models.weights_record import models_from_weights_record
+        needs = "the torch backend needs the model code's packages (pip install -e '.[models]')"
+        try:
+            from export.checkpoint import CheckpointError
+            from export.models.components import PARTS, Models
+            from export.models.precision import DEFAULT_POLICY, apply_policy, typed_part
+            from export.models.weights_record import models_from_weights_record
+        except ImportError as exc:  # an app installed with the runtime's core and no `models` extra
+            raise BackendUnavailable(f"{needs}: {exc}") from exc
 
         try:
             models = models_from_weights_record(manifest.weights, list(manifest.components), offline=offline)
-        except (ValueError, TypeError, KeyError, CheckpointError) as exc:  # a hand-edited weight record too
-            hint = " (without downloading; backend='torch' may download them)" if offline else ""
+        except ImportError as exc:  # huggingface_hub, imported when a checkpoint is read
+            raise BackendUnavailable(f"{needs}: {exc}") from exc
+        except CheckpointError as exc:  # the weights could not be read (offline: not in a local cache)
+            hint = " (auto reads local files and the Hugging Face cache only; backend='torch' downloads)" if offline else ""
             raise BackendUnavailable(f"the torch backend cannot rebuild the models{hint}: {exc}") from exc
+        except (ValueError, TypeError, KeyError) as exc:  # no source recorded, other weights; a hand-edited record
+            raise BackendUnavailable(f"the torch backend cannot rebuild the models: {exc}") from exc
         self.device, self.precision, self.compile_mode = device, precision, compile_mode
         self.name = "torch" if precision == "fp32" and compile_mode is None else (
             f"torch-{precision}" + (f"-compile-{compile_mode}" if compile_mode else "")

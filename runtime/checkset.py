@@ -179,8 +179,10 @@ def _limits(entry: dict, run_precision: str | None, notes: list[str], what: str)
         return entry["precision"], entry["limits"]
     limits = entry.get("precision_limits", {}).get(run_precision)
     if limits is None:
-        notes.append(f"{what} runs in {run_precision} here; the check set holds only {entry['precision']} limits "
-                     "(built before 2026-12-05): rebuild the folder for limits of the precision run")
+        why = ("(built before 2026-12-05): rebuild the folder for limits of the precision run"
+               if "precision_limits" not in entry else "for it")
+        notes.append(f"{what} runs in {run_precision} here; the check set holds no {run_precision} limits {why}; "
+                     f"held to the {entry['precision']} limits")
         return entry["precision"], entry["limits"]
     return run_precision, limits
 

@@ -259,7 +259,8 @@ def _auto_order(device: torch.device, manifest: Manifest, precision: str | None)
                     "than ONNX Runtime's fp32, benchmarks/results/cpu_latency.md), %d threads", units.describe(), threads)
         return AUTO_ORDER_CPU_BF16, "bf16"
     reason = f"precision {precision} was asked for" if units.bf16 else f"this CPU has {units.describe()}"
-    logger.info("backend auto on the CPU: the fp32 path, ONNX Runtime first (%s), %d threads", reason, threads)
+    logger.info("backend auto on the CPU: ONNX Runtime (the folder's graphs) first, then torch in %s (%s), %d threads",
+                precision or "fp32", reason, threads)
     return AUTO_ORDER_CPU, precision
 
 
@@ -394,7 +395,10 @@ class Upscaler:
                 if backend != "auto":
                     raise
                 skipped[kind] = str(exc)
-                logger.warning("backend auto: skipped %s on %s: %s", kind, device, exc)
+                # said, not warned: torch before ONNX Runtime on the CPU is a speed-up that a folder
+                # deployed without its weights (or an app without the models extra) goes without
+                level = logging.INFO if order == AUTO_ORDER_CPU_BF16 and kind == "torch" else logging.WARNING
+                logger.log(level, "backend auto: skipped %s on %s: %s", kind, device, exc)
         raise BackendUnavailable("no backend can run here: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
 
     @property

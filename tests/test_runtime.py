@@ -300,8 +300,23 @@ def test_auto_never_downloads_weights_a_folder_was_built_from(artifacts, tmp_pat
     pretend_cpu(monkeypatch, WITH_BF16)
     with Upscaler.load(copied, device="cpu") as auto:
         assert auto.backend_name == "onnxruntime-cpu"
-        assert "without downloading" in auto.skipped_backends["torch"]
+        assert "the Hugging Face cache only" in auto.skipped_backends["torch"]
     assert asked == [True]
     with pytest.raises(BackendUnavailable, match="is not in the local cache"):
         Upscaler.load(copied, backend="torch", device="cpu")
     assert asked == [True, False]
+
+
+def test_auto_on_the_cpu_without_the_model_code_runs_the_graphs(artifacts, monkeypatch, caplog):
+    """An app installed with the runtime's core only (no `models` extra: no diffusers): auto's
+    torch path is skipped, said at INFO, and ONNX Runtime runs the graphs."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "export.models.precision", None)  # what a missing diffusers does to it
+    pretend_cpu(monkeypatch, WITH_BF16)
+    with caplog.at_level("INFO", logger="runtime.upscaler"):
+        with Upscaler.load(artifacts, device="cpu") as auto:
+            assert auto.backend_name == "onnxruntime-cpu"
+            assert "pip install -e '.[models]'" in auto.skipped_backends["torch"]
+    skipped = [r for r in caplog.records if "skipped torch" in r.getMessage()]
+    assert [r.levelname for r in skipped] == ["INFO"]
