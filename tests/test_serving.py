@@ -14,6 +14,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -156,8 +157,11 @@ def test_a_request_equals_the_upscaler_with_its_seeds(server, upscaler, scale):
     assert np.array_equal(got, expected)
 
 
-def test_concurrent_requests_are_batched_and_each_equals_its_solo_result(server, upscaler):
-    stats_url = f"http://127.0.0.1:{server['ports'].http}/v2/models/{MODEL_NAME}/stats"
+def counted(http_port: int, requests: int, send: Callable[[int], object]) -> tuple[list, int, int]:
+    """``send(i)`` for i < ``requests``, concurrently (one thread each: tritonclient.http's client is
+    bound to the thread that made it); their results, and the inferences and executions Triton's
+    statistics count for them."""
+    stats_url = f"http://127.0.0.1:{http_port}/v2/models/{MODEL_NAME}/stats"
 
     def counts() -> tuple[int, int]:
         with urllib.request.urlopen(stats_url, timeout=10) as response:
@@ -165,15 +169,20 @@ def test_concurrent_requests_are_batched_and_each_equals_its_solo_result(server,
         return stats["inference_count"], stats["execution_count"]
 
     before = counts()
-    latents = [_latents(1, 16, seed=100 + i) for i in range(8)]
-    seeds = [1000 + 7 * i for i in range(8)]
-    with ThreadPoolExecutor(8) as pool:
-        # one client per thread: tritonclient.http's client is bound to the thread that made it (gevent)
-        results = list(pool.map(lambda i: _infer_once(server, latents[i], 2, [seeds[i]]), range(8)))
+    with ThreadPoolExecutor(requests) as pool:
+        results = list(pool.map(send, range(requests)))
     deadline = time.monotonic() + 10  # Triton updates its statistics after the responses are sent
-    while (counts()[0] - before[0]) < 8 and time.monotonic() < deadline:
+    while counts()[0] - before[0] < requests and time.monotonic() < deadline:
         time.sleep(0.1)
     inferences, executions = (after - first for after, first in zip(counts(), before))
+    return results, inferences, executions
+
+
+def test_concurrent_requests_are_batched_and_each_equals_its_solo_result(server, upscaler):
+    latents = [_latents(1, 16, seed=100 + i) for i in range(8)]
+    seeds = [1000 + 7 * i for i in range(8)]
+    results, inferences, executions = counted(
+        server["ports"].http, 8, lambda i: _infer_once(server, latents[i], 2, [seeds[i]]))
     assert inferences == 8 and executions < 8, f"{inferences} latents ran in {executions} executions: nothing was batched"
     for i, result in enumerate(results):
         alone = upscaler.upscale(latents[i], scale=2, seed=seeds[i])

@@ -14,9 +14,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +26,7 @@ from runtime import SizeOutOfRangeError, Upscaler
 from runtime.serving.repository import MODEL_NAME
 from runtime.serving.server import Ports
 
-from .test_serving import _stop, _wait_line
+from .test_serving import _stop, _wait_line, counted
 
 ROOT = Path(__file__).resolve().parents[1]
 READY_S = 180
@@ -88,20 +85,7 @@ def test_requests_gathered_beyond_a_profiles_batch_each_get_their_own_result(lim
     try:
         lines = _wait_line(process, "ready in", READY_S)
         assert any(f"max batch {REQUESTS}" in line for line in lines), lines  # the server batches up to 4
-        stats_url = f"http://127.0.0.1:{ports.http}/v2/models/{MODEL_NAME}/stats"
-
-        def counts() -> tuple[int, int]:
-            with urllib.request.urlopen(stats_url, timeout=10) as response:
-                stats = json.load(response)["model_stats"][0]
-            return stats["inference_count"], stats["execution_count"]
-
-        before = counts()
-        with ThreadPoolExecutor(REQUESTS) as pool:
-            results = list(pool.map(lambda i: _infer(ports.http, _latents(i), 100 + i), range(REQUESTS)))
-        deadline = time.monotonic() + 10  # Triton counts after the responses are sent
-        while counts()[0] - before[0] < REQUESTS and time.monotonic() < deadline:
-            time.sleep(0.1)
-        inferences, executions = (after - first for after, first in zip(counts(), before))
+        results, inferences, executions = counted(ports.http, REQUESTS, lambda i: _infer(ports.http, _latents(i), 100 + i))
         assert inferences == REQUESTS and executions < REQUESTS, (
             f"{inferences} requests in {executions} executions: the batcher gathered none, the fall-back was not run")
         for i, result in enumerate(results):
