@@ -39,7 +39,7 @@ import torch
 
 from calib.quantize import FLOAT_PART
 from engines.cli import int_in_range, run_cli
-from engines.manifest import ManifestError, load_manifest
+from engines.manifest import CPU_INT8, ManifestError, load_manifest
 from engines.targets import target_for_device
 from engines.files import OutputPathError, atomic_output, check_output_file
 from runtime.latents import TIMESTEP
@@ -52,6 +52,7 @@ from .flops import FlopCounter
 RUNTIME_BACKENDS = {
     "auto": ("auto", {}),
     "onnxruntime": ("onnxruntime", {}),
+    "onnxruntime-int8": ("onnxruntime", {"precision": "int8"}),  # the folder's CPU graphs
     "onnxruntime-nhwc": ("onnxruntime", {}),  # CUDA provider with prefer_nhwc (see RuntimeRunner)
     "tensorrt": ("tensorrt", {}),
     "torch-fp16": ("torch", {"precision": "fp16"}),
@@ -66,7 +67,7 @@ BACKENDS = (*EAGER_DTYPES, *RUNTIME_BACKENDS)
 # What runs on the CPU: eager fp32, and the runtime's CPU paths (fp32, and bf16 on the matrix
 # units). The runners skip the rest there (half-precision eager models, the torch backend's fp16
 # modes, the CUDA provider's NHWC option, TensorRT) and say why.
-CPU_BACKENDS = ("eager-fp32", "auto", "onnxruntime", "torch", "torch-bf16", "torch-bf16-compile")
+CPU_BACKENDS = ("eager-fp32", "auto", "onnxruntime", "onnxruntime-int8", "torch", "torch-bf16", "torch-bf16-compile")
 GPU_ONLY = set(BACKENDS) - set(CPU_BACKENDS)
 COMPONENTS = ("cond_encoder", "unet", "vae_decoder", "pipeline", "backend_pass")
 NOISE_MODES = ("device", "cpu")
@@ -232,6 +233,8 @@ class RuntimeRunner:
         kind, options = RUNTIME_BACKENDS[backend]
         if device.type == "cpu" and options.get("precision") == "fp16":  # the others say themselves why not
             raise Skip(f"{backend} is a GPU benchmark (the torch backend's CPU modes: fp32, bf16)")
+        if device.type != "cpu" and options.get("precision") == "int8":
+            raise Skip(f"{backend} is a CPU benchmark (the folder's CPU graphs, on ONNX Runtime's CPU provider)")
         try:
             if backend == "onnxruntime-nhwc":
                 self.upscaler = self._nhwc_upscaler(folder, device, noise)
@@ -294,6 +297,8 @@ class RuntimeRunner:
         float_part = FLOAT_PART.get(record.precision, record.precision)
         if self.upscaler.backend.name.startswith("torch"):
             float_part = self.upscaler.backend.precision
+        if self.upscaler.backend.run_precision(component) == CPU_INT8:
+            float_part = "fp32"  # the CPU graphs' float part
         precision = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(float_part, torch.float32)
         if component == "vae_decoder":
             z = torch.randn((1, 32, high, high), device=self.device)

@@ -2,7 +2,9 @@
 
 Library: ONNX Runtime's ``quantize_static`` in QDQ format. It is already a core dependency, runs
 on the CPU (so CI quantizes and checks real graphs), supports INT8 and FP8 (E4M3), and writes the
-explicit QuantizeLinear/DequantizeLinear pairs that TensorRT's explicit quantization reads. NVIDIA
+explicit QuantizeLinear/DequantizeLinear pairs that TensorRT's explicit quantization reads (and
+that ONNX Runtime's CPU provider fuses into its integer kernels: the ``cpu-int8`` encoding, see
+``ENCODINGS``). NVIDIA
 ModelOpt targets the same format with TensorRT-specific placement, but brings a large dependency
 tree and mostly helps transformers (SmoothQuant, attention); this U-Net is convolutions only.
 
@@ -57,6 +59,7 @@ from .data import (
     add_calibration_arguments,
     calibration_from_args,
 )
+from .thresholds import CPU_INT8, GATE_OF
 
 QUANTIZED_PRECISIONS = ("int8", "fp8")
 COMPONENTS = ("cond_encoder", "unet")
@@ -64,7 +67,34 @@ QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
 KEEP_GROUPS = ("first_conv", "last_conv", "time_embedding")
 DEFAULT_KEEP = KEEP_GROUPS
 QDQ_OPSET = 19  # QuantizeLinear/DequantizeLinear with float16 scales and float8 types
-FLOAT_PART = {"int8": "fp16", "fp8": "fp32"}  # the export precision a quantized graph starts from
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How a quantized pass is written, for the runtime that will run it."""
+
+    tag: str  # in file names and reports
+    precision: str  # the quantized type: int8 or fp8
+    float_part: str  # the export precision of what stays in float
+    unsigned_activations: bool  # uint8 activations with a zero point, else symmetric (zero point 0)
+    gate: str  # the accuracy limits (calib.thresholds) the pass is held to
+
+
+# TensorRT's explicit quantization: symmetric activations, float part in the engine's precision.
+# ONNX Runtime's CPU provider fuses Q/DQ convolutions into its integer kernels (MLAS: VNNI, AMX) only
+# with uint8 activations and an fp32 float part; that graph replaces the bf16 path on such CPUs, so
+# it is held to bf16's limits (benchmarks/results/cpu_latency.md).
+ENCODINGS = {
+    "int8": Encoding("int8", "int8", "fp16", False, "int8"),
+    "fp8": Encoding("fp8", "fp8", "fp32", False, "fp8"),
+    CPU_INT8: Encoding(CPU_INT8, "int8", "fp32", True, GATE_OF[CPU_INT8]),
+}
+FLOAT_PART = {name: ENCODINGS[name].float_part for name in QUANTIZED_PRECISIONS}  # by a graph's precision
+# The CPU graphs' groups kept in float: the first convolutions are quantized too. On ONNX Runtime's
+# CPU provider the in_conv at the output resolution is a large share of the pass: quantizing it made
+# the full-size U-Net 7 % faster (1105 vs 1184 ms, medians of 6 interleaved, 2 Zen 4 cores) for x0
+# rel-L2 0.019 instead of 0.017 against fp32 eager (random weights); the gate decides per build.
+CPU_KEEP = ("last_conv", "time_embedding")
 
 
 class QuantizationError(FlowUpscalerError, RuntimeError):
@@ -179,9 +209,12 @@ def quantize_graph(
     precision: str,
     feeds: list[dict[str, np.ndarray]],
     keep: Iterable[str] = DEFAULT_KEEP,
+    unsigned_activations: bool = False,
 ) -> QuantizeResult:
     """Calibrate ``float_graph`` on ``feeds`` (fp32; cast to the graph's input types) and write its
-    Q/DQ form to ``out`` (atomically)."""
+    Q/DQ form to ``out`` (atomically). Activations are symmetric int8/fp8 (TensorRT), or with
+    ``unsigned_activations`` uint8 with a zero point (ONNX Runtime's CPU integer kernels); weights
+    are symmetric, per output channel, either way."""
     from onnxruntime.quantization import (
         CalibrationMethod,
         QuantFormat,
@@ -191,6 +224,8 @@ def quantize_graph(
 
     if precision not in QUANTIZED_PRECISIONS:
         raise QuantizationError(f"precision must be one of {', '.join(QUANTIZED_PRECISIONS)}, got {precision!r}")
+    if unsigned_activations and precision != "int8":
+        raise QuantizationError(f"unsigned activations are int8 only, got {precision!r}")
     start = time.perf_counter()
     model = _named(onnx.load(str(float_graph)))
     half = {i.name for i in model.graph.input if i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16}
@@ -199,6 +234,7 @@ def quantize_graph(
     kept = kept_nodes(model, keep)
     model = _with_opset(model, QDQ_OPSET)
     quant_type = QuantType.QInt8 if precision == "int8" else QuantType.QFLOAT8E4M3FN
+    activation_type = QuantType.QUInt8 if unsigned_activations else quant_type
     work = out.parent / f".{out.name}.work"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -213,11 +249,12 @@ def quantize_graph(
                     quant_format=QuantFormat.QDQ,
                     op_types_to_quantize=list(QUANTIZED_OPS),
                     per_channel=True,
-                    activation_type=quant_type,
+                    activation_type=activation_type,
                     weight_type=quant_type,
                     nodes_to_exclude=sorted({n for names in kept.values() for n in names}),
                     calibrate_method=CalibrationMethod.MinMax if precision == "int8" else CalibrationMethod.Distribution,
-                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False},
+                    extra_options={"ActivationSymmetric": not unsigned_activations, "WeightSymmetric": True,
+                                   "QuantizeBias": False},
                 )
         quantized = onnx.load(str(work / "qdq.onnx"))
         count = _quantized_nodes(quantized)
@@ -254,7 +291,9 @@ def quantize_components(
     seed: int = 0,
     log=print,
 ) -> tuple[dict[str, QuantizeResult], AccuracyReport]:
-    """Export both pass components (``FLOAT_PART``), quantize them, gate the pass, and only then write them.
+    """Export both pass components (the encoding's float part), quantize them, gate the pass, and
+    only then write them. ``precision``: an ``ENCODINGS`` name (int8 and fp8 for TensorRT, cpu-int8
+    for ONNX Runtime's CPU provider).
 
     The graphs are staged beside ``out``; if the gate fails they are deleted and
     ``AccuracyGateError`` carries the numbers, so ``out`` never holds a graph that failed.
@@ -262,8 +301,9 @@ def quantize_components(
     from export.onnx.components import COMPONENTS as SPECS
     from export.onnx.exporter import export_component, graph_filename
 
-    if precision not in FLOAT_PART:
-        raise QuantizationError(f"precision must be one of {', '.join(FLOAT_PART)}, got {precision!r}")
+    if precision not in ENCODINGS:
+        raise QuantizationError(f"precision must be one of {', '.join(ENCODINGS)}, got {precision!r}")
+    encoding = ENCODINGS[precision]
     staging = out / ".staging-quantize"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -272,17 +312,18 @@ def quantize_components(
         for component in COMPONENTS:
             spec = SPECS[component]
             start = time.perf_counter()
-            float_part = FLOAT_PART[precision]
+            float_part = encoding.float_part
             graph = export_component(spec, models, float_part, staging / graph_filename(spec, float_part, models.cut)).path
             feeds = calibration_inputs(component, models, calibration, seed)
-            results[component] = quantize_graph(
-                graph, staging / graph_filename(spec, precision, models.cut), component, precision, feeds, keep)
+            results[component] = replace(quantize_graph(
+                graph, staging / graph_filename(spec, precision, models.cut), component, encoding.precision, feeds,
+                keep, encoding.unsigned_activations), precision=precision)
             log(f"  {component}: {results[component].quantized_nodes} nodes quantized to {precision}, kept in float: "
                 + ", ".join(f"{g} {len(n)}" for g, n in results[component].kept.items())
                 + f" ({time.perf_counter() - start:.1f} s)")
         decoder = SPECS["vae_decoder"].module(models) if models.vae is not None else None
         report = measure(graphs_run({c: r.path for c, r in results.items()}), models.unet, calibration,
-                         precision, decoder=decoder, seed=seed)
+                         encoding.gate, decoder=decoder, seed=seed)
         log(f"  {report.summary()}")
         report.check()
         out.mkdir(parents=True, exist_ok=True)
@@ -303,7 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "eager model. Writes OUT/cond_encoder.<precision>.onnx, OUT/unet.<precision>.onnx and "
                     "OUT/quantize.<precision>.json only if the gate passes; exit 1 with the numbers if it fails.",
     )
-    parser.add_argument("--precision", required=True, choices=QUANTIZED_PRECISIONS)
+    parser.add_argument("--precision", required=True, choices=tuple(ENCODINGS),
+                        help=f"int8 or fp8 for TensorRT; {CPU_INT8}: int8 with uint8 activations and an fp32 float part "
+                             "for ONNX Runtime's CPU provider, held to the bf16 accuracy limits")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--target", choices=sorted(PRESETS), help="GPU preset: refuse a precision it cannot run "
                         "(fp8 needs compute capability >= 8.9)")
@@ -332,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.target:
+    if args.target and args.precision != CPU_INT8:
         try:
             PRESETS[args.target].check_precision(args.precision)
         except TargetError as exc:

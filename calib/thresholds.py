@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from engines.manifest import CPU_INT8
+
 
 @dataclass(frozen=True)
 class Thresholds:
@@ -25,3 +27,7 @@ THRESHOLDS = {
     "int8": Thresholds(rel_l2=0.06, max_abs=0.5, psnr_db=32.0),
     "fp8": Thresholds(rel_l2=0.15, max_abs=1.0, psnr_db=24.0),
 }
+
+# The CPU graphs (CPU_INT8, calib.quantize.ENCODINGS) replace the torch bf16 path where the CPU runs
+# them, so their pass is held to bf16's limits.
+GATE_OF = {CPU_INT8: "bf16"}

@@ -91,6 +91,41 @@ class EngineRecord:
         )
 
 
+CPU_INT8 = "cpu-int8"  # the CPU graphs' encoding (calib.quantize.ENCODINGS)
+
+
+@dataclass
+class CpuGraphRecord:
+    """A second graph of a pass component, made for ONNX Runtime's CPU provider (``precision``: the
+    encoding, e.g. cpu-int8: int8 with uint8 activations and an fp32 float part), gated with the
+    whole pass at build time; or why it was not made (``file`` is None then). ``key``: what it was
+    made from, kept for a failure too, so that an unchanged rebuild does not try again."""
+
+    file: str | None = None
+    sha256: str | None = None
+    key: str | None = None
+    precision: str | None = None
+    reason: str | None = None
+    validation: dict = field(default_factory=dict)
+
+    @property
+    def built(self) -> bool:
+        return self.file is not None
+
+    def to_dict(self) -> dict:
+        if not self.built:
+            return {"built": False, "key": self.key, "precision": self.precision, "reason": self.reason}
+        return {"built": True, "precision": self.precision, "file": self.file, "sha256": self.sha256, "key": self.key,
+                "validation": self.validation}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CpuGraphRecord:
+        if not data.get("built"):
+            return cls(key=data.get("key"), precision=data.get("precision"), reason=data.get("reason"))
+        return cls(file=data["file"], sha256=data["sha256"], key=data.get("key"), precision=data["precision"],
+                   validation=data.get("validation", {}))
+
+
 @dataclass
 class ComponentRecord:
     name: str
@@ -104,6 +139,7 @@ class ComponentRecord:
     engine: EngineRecord
     validation: dict = field(default_factory=dict)
     memory_estimate_bytes: list[int] = field(default_factory=list)
+    cpu_graph: CpuGraphRecord | None = None  # pass components of builds that made one (export.build --cpu-int8)
 
     def to_dict(self) -> dict:
         return {
@@ -115,6 +151,7 @@ class ComponentRecord:
             "memory_estimate_bytes": self.memory_estimate_bytes,
             "engine": self.engine.to_dict(),
             "validation": self.validation,
+            **({"cpu_graph": self.cpu_graph.to_dict()} if self.cpu_graph is not None else {}),
         }
 
     @classmethod
@@ -131,6 +168,7 @@ class ComponentRecord:
             engine=EngineRecord.from_dict(data["engine"]),
             validation=data.get("validation", {}),
             memory_estimate_bytes=list(data.get("memory_estimate_bytes", [])),
+            cpu_graph=CpuGraphRecord.from_dict(data["cpu_graph"]) if data.get("cpu_graph") is not None else None,
         )
 
 
@@ -298,6 +336,19 @@ def _shape_problem(data: object) -> str | None:
                     return f"is missing the field {where}engine.{key}"
             if problem := fields(engine, f"{where}engine.", {"file": (str, "a string"), "sha256": (str, "a string")}):
                 return problem
+        if component.get("cpu_graph") is not None:
+            cpu_graph = component["cpu_graph"]
+            if problem := expect(cpu_graph, dict, f"{where}cpu_graph", "an object"):
+                return problem
+            if problem := expect(cpu_graph.get("built", False), bool, f"{where}cpu_graph.built", "true or false"):
+                return problem
+            if cpu_graph.get("built"):
+                spec = {"file": (str, "a string"), "sha256": (str, "a string"), "precision": (str, "a string"),
+                        "validation": (dict, "an object")}
+            else:
+                spec = {"reason": (str, "a string")}
+            if problem := fields(cpu_graph, f"{where}cpu_graph.", spec):
+                return problem
     return None
 
 
@@ -347,6 +398,21 @@ def _check_file(folder: Path, relative: str, expected: str, what: str, rebuild: 
             f"{what} {relative} does not match the manifest (sha256 {actual[:12]}..., expected {expected[:12]}...): "
             f"it was changed or replaced after the build; rebuild with: {rebuild}"
         )
+
+
+def cpu_graphs(folder: str | Path, manifest: Manifest, components: list[str]) -> dict[str, Path]:
+    """The CPU graphs of ``components`` (``CpuGraphRecord``), checked against their sha256; a
+    ``ManifestError`` saying why when one was not made or does not match."""
+    folder = Path(folder)
+    graphs = {}
+    for name in components:
+        record = manifest.components[name].cpu_graph
+        if record is None or not record.built:
+            why = record.reason if record is not None else "the build was not asked for one (export.build --cpu-int8)"
+            raise ManifestError(f"{folder} has no CPU graph of {name}: {why}")
+        _check_file(folder, record.file, record.sha256, "CPU graph", manifest.rebuild_command)
+        graphs[name] = folder / record.file
+    return graphs
 
 
 def load_manifest(

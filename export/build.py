@@ -34,7 +34,7 @@ from .pipeline.engine import EngineHost, engine_flavour
 from .pipeline.errors import BuildError
 from .pipeline.folder import check_output_folder
 from .pipeline.profiles import check_range, latent_ranges
-from .pipeline.settings import BUILD_COMPONENTS, CALIBRATION_SIZE, BuildSettings
+from .pipeline.settings import BUILD_COMPONENTS, CALIBRATION_SIZE, PASS_COMPONENTS, BuildSettings
 
 MAX_SIDE_PX = 65536  # image side: far beyond any GPU's memory, small enough to keep the maths exact
 MAX_BATCH_LIMIT = 64  # profiles are searched batch by batch down from this
@@ -101,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--keep", type=keep_groups, default=list(DEFAULT_KEEP),
                         help=f"int8/fp8: node groups kept in float, comma-separated {','.join(KEEP_GROUPS)}, or none "
                              "(default: all)")
+    parser.add_argument("--cpu-int8", action=argparse.BooleanOptionalAction, default=None,
+                        help="also make int8 graphs of cond_encoder and unet for ONNX Runtime's CPU provider (uint8 "
+                             "activations, fp32 float part), calibrated on the calibration set and gated against "
+                             "fp32 eager at bf16's limits; the runtime's auto runs them on CPUs with int8 dot-product "
+                             "units (VNNI, AMX). Default: on when both are built. A gate failure is recorded in the "
+                             "manifest, not an error")
     add_calibration_arguments(parser, default_size=CALIBRATION_SIZE)
     return parser
 
@@ -129,6 +135,8 @@ def _rebuild_command(args: argparse.Namespace, target: Target, out: Path) -> str
             words += [flag, str(value)]
     if sorted(args.keep) != sorted(DEFAULT_KEEP):
         words += ["--keep", ",".join(args.keep) or "none"]
+    if args.cpu_int8 is not None:
+        words.append("--cpu-int8" if args.cpu_int8 else "--no-cpu-int8")
     if args.opt_level != 3:
         words += ["--opt-level", str(args.opt_level)]
     if args.tf32:
@@ -169,6 +177,16 @@ def _summary(manifest: Manifest, out: Path) -> str:
         lines.append(f"  {engine.file}: {size:.1f} MiB, {FLAVOURS[engine.flavour].title if engine.flavour in FLAVOURS else engine.flavour} "
                      f"{engine.tensorrt_version} for compute capability {engine.compute_capability}"
                      + (f"; memory by profile, weights + activations: {memory}" if memory else ""))
+    cpu_graphs = [r.cpu_graph for r in manifest.components.values() if r.cpu_graph is not None]
+    if cpu_graphs and all(g.built for g in cpu_graphs):
+        accuracy = cpu_graphs[0].validation.get("accuracy", {})
+        worst, limits = accuracy.get("worst", {}), accuracy.get("thresholds", {})
+        lines.append(f"  CPU graphs ({cpu_graphs[0].precision}, ONNX Runtime's CPU provider): "
+                     + ", ".join(g.file for g in cpu_graphs)
+                     + (f"; pass x0 rel-L2 {worst['rel_l2']:.3g} vs fp32 eager ({accuracy.get('precision')} limit "
+                        f"{limits.get('rel_l2')})" if worst else ""))
+    elif cpu_graphs:
+        lines.append(f"  CPU graphs ({cpu_graphs[0].precision}) not made: {cpu_graphs[0].reason}")
     unbuilt = [n for n, r in manifest.components.items() if not r.engine.built]
     if unbuilt:
         reason = manifest.components[unbuilt[0]].engine.reason
@@ -205,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     out = args.out or Path("build") / target.name
     components = tuple(dict.fromkeys(args.components))
+    both = set(PASS_COMPONENTS) <= set(components)
+    if args.cpu_int8 and not both:
+        parser.error("--cpu-int8 quantizes cond_encoder and unet together (the gate runs the whole pass): add both to "
+                     "--components, or leave --cpu-int8 out")
     settings = BuildSettings(
         target=target,
         precision=precision,
@@ -220,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         rebuild_command=_rebuild_command(args, target, out),
         keep=tuple(args.keep),
         seed=args.seed,
+        cpu_int8=both if args.cpu_int8 is None else args.cpu_int8,
         engine_flavour=flavour.name,
     )
     try:

@@ -8,6 +8,7 @@ It knows the artifact folder's components, not the pipeline: chaining, noise and
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -195,7 +196,9 @@ class OnnxRuntimeBackend(Backend):
     every node on TensorRT is refused.
 
     ``cuda_options``: extra CUDA provider options (``cudnn_conv_algo_search``, ``prefer_nhwc``),
-    the knobs the benchmarks compare.
+    the knobs the benchmarks compare. ``variant``: the encoding of graphs other than the folder's own
+    (``cpu-int8``: its CPU graphs), for ``variant_components``; it names the backend and is what
+    ``run_precision`` reports for them.
     """
 
     PROVIDERS = {
@@ -211,6 +214,8 @@ class OnnxRuntimeBackend(Backend):
         provider: str = "cpu",
         provider_options: dict[str, dict] | None = None,
         cuda_options: dict[str, str] | None = None,
+        variant: str | None = None,
+        variant_components: tuple[str, ...] = (),
     ):
         """``graphs``: ONNX file per component (an artifact folder's, or any staged graphs);
         ``provider_options``: per component, the options of the first provider (TensorRT's)."""
@@ -234,7 +239,8 @@ class OnnxRuntimeBackend(Backend):
                 import tensorrt  # noqa: F401
             except ImportError:
                 pass
-        self.name = f"onnxruntime-{provider}"
+        self.name = f"onnxruntime-{variant or provider}"
+        self._variant = {name: variant for name in variant_components} if variant else {}
         self.device = device
         self._stream = OwnStream(device) if device.type == "cuda" else None
         gpu_options = {"device_id": device.index or 0}
@@ -293,6 +299,9 @@ class OnnxRuntimeBackend(Backend):
     def on_stream(self) -> ContextManager[torch.cuda.Stream | None]:
         return nullcontext() if self._stream is None else self._stream.scope()
 
+    def run_precision(self, component: str) -> str | None:
+        return self._variant.get(component)
+
     def run(self, component: str, inputs: Tensors) -> Tensors:
         self.check(component)
         session = self._sessions[component]
@@ -318,6 +327,67 @@ class OnnxRuntimeBackend(Backend):
 
     def close(self) -> None:
         self._sessions.clear()
+
+
+class DecoderElsewhere(Backend):
+    """The pass on one backend, the decoder on another, opened at the first decode (or check of it).
+
+    ``auto`` runs a folder's CPU graphs (int8, the pass only) this way: decoding stays on the path
+    it would take without them (torch's bf16 decoder on CPUs with bf16 units), and an app that never
+    decodes never loads a decoder. ``open_decoder`` returns that backend or raises
+    ``BackendUnavailable``; a failure is kept, not retried.
+    """
+
+    def __init__(self, main: Backend, open_decoder: Callable[[], Backend], decoder: str = "vae_decoder"):
+        self.main, self.name, self.device = main, main.name, main.device
+        self._open_decoder, self._decoder_name = open_decoder, decoder
+        self._decoder: Backend | None = None
+        self._decoder_error: str | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def opened_decoder(self) -> Backend | None:
+        """The decoder's backend if a decode (or its check) has opened it, else None."""
+        return self._decoder
+
+    def decoder(self) -> Backend:
+        """The decoder's backend, opened once; a failure is kept and raised again on each use."""
+        with self._lock:
+            if self._decoder is None:
+                if self._decoder_error is not None:
+                    raise BackendUnavailable(self._decoder_error)
+                try:
+                    self._decoder = self._open_decoder()
+                except BackendUnavailable as exc:
+                    self._decoder_error = (f"{self.main.name} runs the pass only, and none of the backends after it "
+                                           f"in auto's order can decode here: {exc}")
+                    raise BackendUnavailable(self._decoder_error) from exc
+                logger.info("%s: decoding on %s", self.main.name, self._decoder.name)
+            return self._decoder
+
+    def _for(self, component: str) -> Backend:
+        return self.decoder() if component == self._decoder_name else self.main
+
+    def check(self, component: str) -> None:
+        self._for(component).check(component)
+
+    def run(self, component: str, inputs: Tensors) -> Tensors:
+        return self._for(component).run(component, inputs)
+
+    def run_precision(self, component: str) -> str | None:
+        return self._for(component).run_precision(component)
+
+    def memory_bytes(self) -> int:
+        return self.main.memory_bytes() + (self._decoder.memory_bytes() if self._decoder is not None else 0)
+
+    def close(self) -> None:
+        with self._lock:
+            decoder, self._decoder, self._decoder_error = self._decoder, None, "this backend is closed"
+            try:
+                self.main.close()
+            finally:
+                if decoder is not None:
+                    decoder.close()
 
 
 def _numpy_dtype(dtype: torch.dtype):
@@ -363,10 +433,11 @@ class TorchBackend(Backend):
         precision: str = "fp32",
         compile_mode: str | None = None,
         offline: bool = False,
+        components: tuple[str, ...] | None = None,
     ):
         """``offline``: rebuild from local weights (files, the Hugging Face cache) only, never a
         download: what ``auto`` asks, so that a folder copied without its weights falls back to
-        its graphs at once."""
+        its graphs at once. ``components``: the folder's components to rebuild (default: all)."""
         if precision not in TORCH_PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(TORCH_PRECISIONS)}, got {precision!r}")
         if compile_mode is not None and compile_mode not in COMPILE_MODES:
@@ -381,7 +452,8 @@ class TorchBackend(Backend):
             raise BackendUnavailable(f"{needs}: {exc}") from exc
 
         try:
-            models = models_from_weights_record(manifest.weights, list(manifest.components), offline=offline)
+            names = [n for n in manifest.components if components is None or n in components]
+            models = models_from_weights_record(manifest.weights, names, offline=offline)
         except ImportError as exc:  # huggingface_hub, imported when a checkpoint is read
             raise BackendUnavailable(f"{needs}: {exc}") from exc
         except CheckpointError as exc:  # the weights could not be read (offline: not in a local cache)
@@ -401,7 +473,7 @@ class TorchBackend(Backend):
         # (NCHW bf16 is no faster than fp32 there: benchmarks/results/cpu_latency.md).
         self._channels_last = compile_mode is not None or (device.type == "cpu" and precision != "fp32")
         self._modules, self._parts = {}, {}
-        for name in manifest.components:
+        for name in names:
             part = PARTS[name]
             module, part_policy = part.module(models), policy
             if part.needs == "vae":

@@ -6,6 +6,12 @@ convolutions in bf16, channels-last, run at about twice (AVX-512 BF16) to severa
 fp32 rate (``benchmarks/results/cpu_latency.md``); without them bf16 is converted to fp32 and is
 no faster. oneDNN can be held below an instruction set (``ONEDNN_MAX_CPU_ISA``); a cap under its
 bf16 level counts as no bf16 units.
+
+int8 dot products (AVX-512 VNNI, AVX-VNNI, AMX-INT8) run ONNX Runtime's CPU integer kernels (MLAS)
+on the folder's CPU graphs (``export.pipeline.cpu_graphs``): uint8 activations times int8 weights,
+summed in int32 without overflow. Without them MLAS multiplies in 16-bit pairs that can saturate,
+so ``auto`` takes those graphs only where the CPU has them (oneDNN's cap does not apply: ONNX
+Runtime does not use oneDNN).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ class CpuMatrixUnits:
     amx_bf16: bool
     avx512_bf16: bool
     isa_cap: str | None = None  # ONEDNN_MAX_CPU_ISA as set, when set
+    int8_dot: bool = False  # VNNI or AMX-INT8: ONNX Runtime's CPU int8 kernels run exact and fast
 
     @property
     def bf16(self) -> bool:
@@ -41,7 +48,8 @@ class CpuMatrixUnits:
     def describe(self) -> str:
         units = [name for name, present in (("AMX", self.amx_bf16), ("AVX-512 BF16", self.avx512_bf16)) if present]
         text = " and ".join(units) if units else "no bf16 matrix units (neither AMX nor AVX-512 BF16)"
-        return text + (f", oneDNN capped at {self.isa_cap}" if self.isa_cap else "")
+        text += f", oneDNN capped at {self.isa_cap}" if self.isa_cap else ""
+        return text + ("; int8 dot products (VNNI/AMX-INT8)" if self.int8_dot else "; no int8 dot products (VNNI)")
 
 
 def _cpuinfo_flags() -> set[str]:
@@ -68,12 +76,14 @@ def _detected(name: str, flag: str) -> bool:
 
 @functools.cache
 def cpu_matrix_units() -> CpuMatrixUnits:
-    """This CPU's bf16 matrix units as oneDNN will use them (detected once per process)."""
+    """This CPU's bf16 matrix units as oneDNN will use them, and its int8 dot products (detected once
+    per process)."""
     amx = _detected("_is_amx_tile_supported", "amx_bf16")
     avx512_bf16 = _detected("_is_avx512_bf16_supported", "avx512_bf16")
+    int8_dot = _detected("_is_vnni_supported", "avx512_vnni") or bool({"avx_vnni", "amx_int8"} & _cpuinfo_flags())
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
     if cap:
         normalised = cap.strip().upper()
         amx = amx and normalised in _ONEDNN_AMX_ISAS
         avx512_bf16 = avx512_bf16 and normalised in _ONEDNN_BF16_ISAS
-    return CpuMatrixUnits(amx_bf16=amx, avx512_bf16=avx512_bf16, isa_cap=cap or None)
+    return CpuMatrixUnits(amx_bf16=amx, avx512_bf16=avx512_bf16, isa_cap=cap or None, int8_dot=int8_dot)

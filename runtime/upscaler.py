@@ -31,7 +31,7 @@ import torch
 
 from engines.cli import SEED_RANGE
 from engines.errors import FlowUpscalerError
-from engines.manifest import MANIFEST_NAME, Manifest, ManifestError, load_manifest
+from engines.manifest import CPU_INT8, MANIFEST_NAME, Manifest, ManifestError, cpu_graphs, load_manifest
 from engines.profiles import admitting_profile
 
 from .backends import (
@@ -40,6 +40,7 @@ from .backends import (
     TORCH_PRECISIONS,
     Backend,
     BackendUnavailable,
+    DecoderElsewhere,
     OnnxRuntimeBackend,
     TorchBackend,
     tensorrt_provider_options,
@@ -70,6 +71,10 @@ BACKENDS = ("auto", "tensorrt", "onnxruntime", "onnxruntime-tensorrt", "torch")
 AUTO_ORDER_CUDA = ("tensorrt", "onnxruntime", "torch")
 AUTO_ORDER_CPU_BF16 = ("torch", "onnxruntime")
 AUTO_ORDER_CPU = ("onnxruntime", "torch")
+# Before either, where the folder has CPU graphs (int8, gated at bf16's limits) and the CPU has int8 dot
+# products: those on ONNX Runtime (1.4x torch's bf16 on AVX-512), decoding on the path that follows.
+CPU_GRAPHS = "onnxruntime-cpu-int8"  # the folder's CPU graphs on ONNX Runtime: auto's, or onnxruntime with precision int8
+PRECISIONS = (*TORCH_PRECISIONS, "int8")
 LATENT_FORMATS = ("flux2", "flux2_packed")
 PIPELINE = ("cond_encoder", "unet")
 DECODER = "vae_decoder"
@@ -222,15 +227,41 @@ def folder_float_precision(manifest: Manifest) -> str:
     return precision if precision in ("fp16", "bf16") else "fp32"
 
 
-def _open_backend(kind: str, folder: Path, device: torch.device, torch_options: dict) -> Backend:
+def cpu_graphs_made(manifest: Manifest) -> str | None:
+    """None when the folder has CPU graphs of both pass components that this runtime runs, else why not."""
+    records = [manifest.components[n].cpu_graph if n in manifest.components else None for n in PIPELINE]
+    if any(r is None for r in records):
+        return ("the folder has no CPU graphs of cond_encoder and unet (rebuild it with export.build, which makes "
+                "them by default when both are built, or --cpu-int8)")
+    if unmade := [r for r in records if not r.built]:
+        return f"the folder's CPU graphs were not made: {unmade[0].reason}"
+    if other := [r.precision for r in records if r.precision != CPU_INT8]:
+        return f"the folder's CPU graphs are {other[0]}, which this runtime does not run (it runs {CPU_INT8}); rebuild it"
+    return None
+
+
+def _open_backend(kind: str, folder: Path, manifest: Manifest, device: torch.device, torch_options: dict,
+                  only: tuple[str, ...] | None = None) -> Backend:
+    """Open ``kind`` on the folder (``manifest``: the one the caller loaded and checked); ``only``:
+    the components to open (default: all; TensorRT opens the folder's engines as they are)."""
     if kind == "tensorrt":
         from .tensorrt_backend import TensorRTBackend
 
         return TensorRTBackend.from_folder(folder, device)
-    manifest = load_manifest(folder)
     if kind == "torch":
-        return TorchBackend(manifest, device, **torch_options)
-    graphs = {name: folder / record.onnx_file for name, record in manifest.components.items()}
+        return TorchBackend(manifest, device, **torch_options, components=only)
+    graphs = {name: folder / record.onnx_file for name, record in manifest.components.items()
+              if only is None or name in only}
+    if kind == CPU_GRAPHS:
+        if device.type != "cpu":
+            raise BackendUnavailable(f"the folder's CPU graphs run on ONNX Runtime's CPU provider, not on {device}")
+        if why := cpu_graphs_made(manifest):
+            raise BackendUnavailable(why)
+        if not cpu_matrix_units().int8_dot:
+            logger.warning("the folder's CPU graphs on a CPU without int8 dot products (VNNI/AMX-INT8): ONNX Runtime's "
+                           "int8 kernels multiply in 16-bit pairs here, which can saturate; auto would not run them")
+        graphs.update(cpu_graphs(folder, manifest, list(PIPELINE)))
+        return OnnxRuntimeBackend(graphs, device, provider="cpu", variant=CPU_INT8, variant_components=PIPELINE)
     if kind == "onnxruntime-tensorrt":
         if device.type != "cuda":
             raise BackendUnavailable(f"the ONNX Runtime TensorRT provider needs a CUDA device, got {device}")
@@ -254,14 +285,47 @@ def _auto_order(device: torch.device, manifest: Manifest, precision: str | None)
         return AUTO_ORDER_CUDA, precision or folder_float_precision(manifest)
     units = cpu_matrix_units()
     threads = torch.get_num_threads()
+    if precision == "int8":
+        logger.info("backend auto on the CPU: the folder's CPU graphs (int8) on ONNX Runtime, as asked (this CPU has "
+                    "%s), %d threads", units.describe(), threads)
+        return (CPU_GRAPHS,), None
+    first: tuple[str, ...] = ()
+    no_graphs = cpu_graphs_made(manifest)
+    if precision is None and units.int8_dot and no_graphs is None:
+        first = (CPU_GRAPHS,)
+        logger.info("backend auto on the CPU: the folder's CPU graphs (int8, gated at bf16's limits) on ONNX Runtime "
+                    "first (this CPU has %s; measured faster than torch's bf16, benchmarks/results/cpu_latency.md), "
+                    "decoding on the path below", units.describe())
+    elif precision is None:
+        logger.info("backend auto on the CPU: not the folder's CPU graphs (%s)",
+                    no_graphs or "this CPU has no int8 dot products (VNNI/AMX-INT8)")
     if units.bf16 and precision in (None, "bf16"):
-        logger.info("backend auto on the CPU: torch in bf16, channels-last, first (this CPU has %s; measured faster "
-                    "than ONNX Runtime's fp32, benchmarks/results/cpu_latency.md), %d threads", units.describe(), threads)
-        return AUTO_ORDER_CPU_BF16, "bf16"
+        logger.info("backend auto on the CPU: torch in bf16, channels-last, %s (this CPU has %s; measured faster "
+                    "than ONNX Runtime's fp32, benchmarks/results/cpu_latency.md), %d threads",
+                    "next" if first else "first", units.describe(), threads)
+        return (*first, *AUTO_ORDER_CPU_BF16), "bf16"
     reason = f"precision {precision} was asked for" if units.bf16 else f"this CPU has {units.describe()}"
-    logger.info("backend auto on the CPU: ONNX Runtime (the folder's graphs) first, then torch in %s (%s), %d threads",
-                precision or "fp32", reason, threads)
-    return AUTO_ORDER_CPU, precision
+    logger.info("backend auto on the CPU: ONNX Runtime (the folder's graphs) %s, then torch in %s (%s), %d threads",
+                "next" if first else "first", precision or "fp32", reason, threads)
+    return (*first, *AUTO_ORDER_CPU), precision
+
+
+def _open_decoder(kinds: tuple[str, ...], folder: Path, manifest: Manifest, device: torch.device,
+                  torch_options: dict) -> Backend:
+    """The first of ``kinds`` that opens and runs the decoder here (auto's decoder beside its CPU graphs)."""
+    reasons = []
+    for kind in kinds:
+        try:
+            backend = _open_backend(kind, folder, manifest, device, torch_options, only=(DECODER,))
+            try:
+                backend.check(DECODER)
+            except BackendUnavailable:
+                backend.close()
+                raise
+            return backend
+        except BackendUnavailable as exc:
+            reasons.append(f"{kind}: {exc}")
+    raise BackendUnavailable("; ".join(reasons))
 
 
 def run_pass(run: Callable[[str, dict], dict], latents_small: torch.Tensor, noise: Noise) -> torch.Tensor:
@@ -323,9 +387,9 @@ class Upscaler:
 
         ``auto`` takes the first that opens of tensorrt, onnxruntime (CUDA) and torch (engines built
         where they could not run must first pass the folder's check set here:
-        ``runtime.checkset.verify_first_use``); on the CPU, torch in bf16 (channels-last) and then
-        onnxruntime where the CPU has bf16 matrix units (``runtime.cpu``), else onnxruntime and torch
-        in fp32;
+        ``runtime.checkset.verify_first_use``); on the CPU, the folder's CPU graphs (below), then
+        torch in bf16 (channels-last) and onnxruntime where the CPU has bf16 matrix units
+        (``runtime.cpu``), else onnxruntime and torch in fp32;
         ``skipped_backends`` says why the ones before it did not, and each skip is logged as a
         warning on this module's logger. ``device``: ``cpu``, ``cuda`` or ``cuda:N`` (see
         ``resolve_device``). ``noise``: ``cpu`` (the cross-backend convention), ``device`` (drawn
@@ -337,22 +401,35 @@ class Upscaler:
         by ``auto`` it runs the folder's float precision on CUDA and bf16 on a CPU with bf16 units
         (``precision="fp32"`` keeps ``auto`` on the CPU's fp32 path). Other backends run the folder's
         graphs or engines as built and refuse these options.
+
+        On the CPU, ``auto`` first runs the folder's CPU graphs (int8 for ONNX Runtime, made by the
+        build and gated at bf16's limits) where the CPU has int8 dot products (VNNI, AMX-INT8) and no
+        precision was asked for; decoding then runs on the path that follows, opened at the first
+        decode. ``precision="int8"`` (with ``auto`` or ``onnxruntime``) asks for those graphs.
         """
         if not isinstance(backend, str) or backend not in BACKENDS:
             raise InvalidArgumentError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         if noise not in NOISE_MODES:
             raise InvalidArgumentError(f"noise must be one of {', '.join(NOISE_MODES)}, got {noise!r}")
-        if precision is not None and precision not in TORCH_PRECISIONS:
-            raise InvalidArgumentError(f"precision must be one of {', '.join(TORCH_PRECISIONS)}, got {precision!r}")
+        if precision is not None and precision not in PRECISIONS:
+            raise InvalidArgumentError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         if compile_mode is not None and compile_mode not in COMPILE_MODES:
             raise InvalidArgumentError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {compile_mode!r}")
-        if backend not in ("auto", "torch") and (precision, compile_mode) != (None, None):
+        if precision == "int8" and (backend not in ("auto", "onnxruntime") or compile_mode is not None):
+            raise InvalidArgumentError(
+                "precision int8 runs the folder's CPU graphs on ONNX Runtime: with backend auto or onnxruntime, "
+                f"without compile_mode (got backend {backend!r}, compile_mode {compile_mode!r})"
+            )
+        if backend not in ("auto", "torch") and (precision, compile_mode) not in ((None, None), ("int8", None)):
             raise InvalidArgumentError(
                 f"precision and compile_mode configure the torch backend; the {backend} backend runs the "
-                "folder's graphs as built (rebuild with --precision to change theirs)"
+                "folder's graphs as built (rebuild with --precision to change theirs; precision int8 runs "
+                "its CPU graphs on the CPU)"
             )
         folder = Path(artifact_dir)
         device = resolve_device(device)
+        if precision == "int8" and device.type != "cpu":
+            raise InvalidArgumentError(f"precision int8 runs the folder's CPU graphs on the CPU, not on {device}")
         attempt = 1
         while True:
             # A build finishing meanwhile replaces the manifest, then deletes the files only the old one
@@ -374,7 +451,7 @@ class Upscaler:
     def _load_once(cls, folder: Path, backend: str, device: torch.device, noise: str, precision: str | None,
                    compile_mode: str | None) -> Upscaler:
         manifest = load_manifest(folder)
-        order: tuple[str, ...] = (backend,)
+        order: tuple[str, ...] = (CPU_GRAPHS,) if precision == "int8" else (backend,)
         if backend == "auto":
             order, precision = _auto_order(device, manifest, precision)
         # auto never downloads weights: a folder copied without them falls back to its graphs at once
@@ -386,9 +463,16 @@ class Upscaler:
             logger.info("backend auto: skipped tensorrt on %s: %s", device, skipped["tensorrt"])
         from .checkset import verify_first_use  # imports this module: loaded when first needed
 
-        for kind in order:
+        for index, kind in enumerate(order):
+            rest = order[index + 1:]
             try:
-                opened = _open_backend(kind, folder, device, torch_options)
+                if kind == CPU_GRAPHS and rest and DECODER in manifest.components:
+                    # auto: the pass on the CPU graphs, decoding on the path that follows, opened when first used
+                    opened = DecoderElsewhere(
+                        _open_backend(kind, folder, manifest, device, torch_options, only=PIPELINE),
+                        lambda rest=rest: _open_decoder(rest, folder, manifest, device, torch_options))
+                else:
+                    opened = _open_backend(kind, folder, manifest, device, torch_options)
                 verify_first_use(opened, folder, manifest)  # engines that never ran here: checked once
                 return cls(folder, manifest, opened, skipped, noise)
             except BackendUnavailable as exc:
@@ -397,7 +481,7 @@ class Upscaler:
                 skipped[kind] = str(exc)
                 # said, not warned: torch before ONNX Runtime on the CPU is a speed-up that a folder
                 # deployed without its weights (or an app without the models extra) goes without
-                level = logging.INFO if order == AUTO_ORDER_CPU_BF16 and kind == "torch" else logging.WARNING
+                level = logging.INFO if kind == "torch" and "onnxruntime" in order[index + 1:] else logging.WARNING
                 logger.log(level, "backend auto: skipped %s on %s: %s", kind, device, exc)
         raise BackendUnavailable("no backend can run here: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
 

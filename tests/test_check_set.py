@@ -106,10 +106,12 @@ def test_limits_of_the_other_float_precisions_are_stored_beside(small_artifacts)
     tensors = load_file(str(small_artifacts / record.file))
     unet = record.components["unet"]["precision_limits"]
     largest = float(tensors["unet/outputs/velocity"].abs().max())
-    assert set(unet) == {"bf16"} and unet["bf16"]["velocity"] == {"rel_l2": 5e-2, "max_abs": pytest.approx(
+    assert set(unet) == {"bf16", "cpu-int8"} and unet["bf16"]["velocity"] == {"rel_l2": 5e-2, "max_abs": pytest.approx(
         0.25 * max(1.0, largest))}  # bf16's validation tolerance, for the fp16 graph run in bf16
-    assert set(record.components["vae_decoder"]["precision_limits"]) == {"fp16", "bf16"}  # an fp32 graph
-    assert record.whole_pass["precision_limits"] == {"bf16": {"rel_l2": 3e-2, "max_abs": 0.25}}  # bf16's gate
+    assert unet["cpu-int8"]["velocity"]["rel_l2"] == 0.15  # the int8 components' (the CPU graphs)
+    assert set(record.components["vae_decoder"]["precision_limits"]) == {"fp16", "bf16"}  # an fp32 graph, no CPU graph
+    assert record.whole_pass["precision_limits"] == {  # bf16's gate, also the CPU graphs' pass limits
+        "bf16": {"rel_l2": 3e-2, "max_abs": 0.25}, "cpu-int8": {"rel_l2": 3e-2, "max_abs": 0.25}}
 
 
 def test_the_torch_backend_in_bf16_is_held_to_bf16_limits(small_artifacts):

@@ -128,8 +128,8 @@ def test_a_scalar_array_is_one_seed(upscaler):
     (["--components", ","], "argument --components: no value"),
     (["--noise", ","], "argument --noise: no value"),
     (["--device", "cpu", "--backends", "eager-fp16,torch-fp16,tensorrt"], "nothing to measure: --backends "
-     "eager-fp16,torch-fp16,tensorrt run on CUDA only (--device cpu); on the CPU: eager-fp32,auto,onnxruntime,torch,"
-     "torch-bf16,torch-bf16-compile"),
+     "eager-fp16,torch-fp16,tensorrt run on CUDA only (--device cpu); on the CPU: eager-fp32,auto,onnxruntime,"
+     "onnxruntime-int8,torch,torch-bf16,torch-bf16-compile"),
     (["--device", "cpu", "--backends", "eager-fp32", "--components", "backend_pass"],
      "nothing to measure: --components backend_pass is a row of the runtime's backends"),
 ])

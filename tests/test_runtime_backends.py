@@ -102,12 +102,15 @@ def test_bf16_units_are_detected_as_the_kernel_reports_them(monkeypatch):
     units = cpu_matrix_units.__wrapped__()
     assert (units.avx512_bf16, units.amx_bf16) == ("avx512_bf16" in flags, "amx_bf16" in flags)
     assert units.bf16 == bool({"avx512_bf16", "amx_bf16"} & flags)
+    assert units.int8_dot == bool({"avx512_vnni", "avx_vnni", "amx_int8"} & flags)
 
 
 def test_a_onednn_cap_below_bf16_counts_as_no_bf16_units(monkeypatch):
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE")
     capped = cpu_matrix_units.__wrapped__()
     assert not capped.bf16 and "no bf16 matrix units" in capped.describe() and "capped at AVX512_CORE" in capped.describe()
+    if _kernel_flags():  # ONNX Runtime's int8 kernels are not oneDNN's: the cap leaves them alone
+        assert capped.int8_dot == bool({"avx512_vnni", "avx_vnni", "amx_int8"} & _kernel_flags())
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx512_core_bf16")  # oneDNN reads it case-blind
     below_amx = cpu_matrix_units.__wrapped__()
     assert not below_amx.amx_bf16

@@ -38,7 +38,7 @@ import onnx
 import torch
 from safetensors.torch import save
 
-from calib.thresholds import THRESHOLDS
+from calib.thresholds import CPU_INT8, GATE_OF, THRESHOLDS
 from engines.files import atomic_output
 from engines.manifest import CheckSetRecord, ComponentRecord, content_key, sha256_file
 from export.onnx.components import COMPONENTS, Models
@@ -72,6 +72,7 @@ QUANTIZED_TOLERANCES = {
     "int8": Tolerance(rel_l2=0.15, max_abs=0.5),
     "fp8": Tolerance(rel_l2=0.4, max_abs=1.0),
 }
+QUANTIZED_TOLERANCES[CPU_INT8] = QUANTIZED_TOLERANCES["int8"]  # the CPU graphs (export.pipeline.cpu_graphs)
 _ONNX_TYPES = {
     onnx.TensorProto.FLOAT: torch.float32,
     onnx.TensorProto.FLOAT16: torch.float16,
@@ -105,20 +106,23 @@ def component_limits(precision: str, tf32: bool) -> Tolerance:
 
 def pass_limits(precision: str, tf32: bool) -> dict[str, float]:
     """The accuracy gate's limits on one pass's ``x0`` (rel-L2, max-abs) at ``precision``."""
+    precision = GATE_OF.get(precision, precision)  # cpu-int8's pass: bf16's limits
     limits = THRESHOLDS["fp16" if precision == "fp32" and tf32 else precision]
     return {"rel_l2": limits.rel_l2, "max_abs": limits.max_abs}
 
 
-# Float precisions a runtime may run a float graph's component in other than the graph's own: the
-# torch backend runs bf16 on CPUs with bf16 units (``auto``), fp16 or bf16 when asked. The check set
-# stores their limits too, so such a run is held to the limits of what it runs.
+# Precisions a runtime may run a component in other than its graph's own: the torch backend runs
+# bf16 on CPUs with bf16 units (``auto``), fp16 or bf16 when asked; ONNX Runtime's CPU provider runs
+# the pass components' CPU graphs (cpu-int8) where the folder has them. The check set stores their
+# limits too, so such a run is held to the limits of what it runs.
 RUN_PRECISIONS = ("fp16", "bf16")
 
 
-def _other_precisions(precision: str) -> list[str]:
-    """Float precisions to store limits for beside ``precision``'s (quantized graphs' too: the torch
-    backend runs their float models)."""
-    return [p for p in RUN_PRECISIONS if p != precision]
+def _other_precisions(precision: str, component: str) -> list[str]:
+    """Precisions to store limits for beside ``precision``'s (quantized graphs' too: the torch
+    backend runs their float models); ``component``: a pass component or ``PASS``."""
+    cpu = [CPU_INT8] if component in (*PASS_COMPONENTS, PASS) else []
+    return [p for p in RUN_PRECISIONS if p != precision] + cpu
 
 
 def _errors_limits(tolerance: Tolerance, reference: torch.Tensor) -> dict[str, float]:
@@ -192,7 +196,7 @@ class MakeCheckSet:
         outputs = spec.module(self.models)(*(x.float() for x in raw))
         outputs = {n: y.float() for n, y in zip(spec.outputs, (outputs,) if isinstance(outputs, torch.Tensor) else outputs)}
         tolerance = component_limits(record.precision, self.settings.options.tf32)
-        others = {p: component_limits(p, False) for p in _other_precisions(record.precision)}
+        others = {p: component_limits(p, False) for p in _other_precisions(record.precision, name)}
         tensors.update({tensor_name(name, "inputs", n): x for n, x in inputs.items()})
         tensors.update({tensor_name(name, "outputs", n): y for n, y in outputs.items()})
         entry = {
@@ -229,5 +233,5 @@ class MakeCheckSet:
             "tensors": {"latents_small": tensor_name("cond_encoder", "inputs", "latents_small"),
                         "noise": tensor_name("unet", "inputs", "sample"), "x0": tensor_name(PASS, "", "x0")},
             "limits": pass_limits(precision, self.settings.options.tf32),
-            "precision_limits": {p: pass_limits(p, False) for p in _other_precisions(precision)},
+            "precision_limits": {p: pass_limits(p, False) for p in _other_precisions(precision, PASS)},
         }

@@ -12,6 +12,7 @@ from engines.profiles import Profile
 from export.onnx.components import COMPONENTS, Models
 
 from .checkset import MakeCheckSet
+from .cpu_graphs import QuantizeCpuGraphs
 from .engine import BuildEngine, EngineHost, engine_flavour
 from .errors import BuildError
 from .folder import ArtifactFolder
@@ -35,6 +36,9 @@ def check_settings(settings: BuildSettings) -> None:
     if settings.precision in QUANTIZED_PRECISIONS and not set(PASS_COMPONENTS) <= set(settings.components):
         raise BuildError(f"{settings.precision} builds quantize cond_encoder and unet together (the accuracy gate "
                          "runs the whole pass): add both to --components")
+    if settings.cpu_int8 and not set(PASS_COMPONENTS) <= set(settings.components):
+        raise BuildError("CPU int8 graphs quantize cond_encoder and unet together (the accuracy gate runs the whole "
+                         "pass): add both to --components")
 
 
 def build_artifacts(models: Models, settings: BuildSettings, out: Path,
@@ -77,6 +81,10 @@ def _build_locked(models: Models, settings: BuildSettings, out: Path, log: Calla
                 graph.file, graph.sha256, profiles, estimates)
             records[name] = _record(name, precision, graph, profiles, estimates, engine)
         accuracy = GatePass(models, settings, host, folder, progress)(records, quantized.accuracy if quantized else None)
+        if settings.cpu_int8:
+            cpu_graphs = QuantizeCpuGraphs(models, settings, digests, folder, progress)()
+            for name, cpu_graph in cpu_graphs.items():
+                records[name].cpu_graph = cpu_graph
         check_set = MakeCheckSet(models, settings, digests, folder, progress)(records)
     except BaseException:  # Ctrl-C included: the folder stays as its manifest says
         folder.clean_leftovers()

@@ -82,7 +82,7 @@ class ArtifactFolder:
         """Delete the graphs (with their validation files) and engines ``records`` name, except ``keep``."""
         deleted = []
         for record in records.values():
-            for relative in (record.onnx_file, record.engine.file):
+            for relative in _files(record):
                 if relative and relative not in keep and (self.out / relative).exists():
                     (self.out / relative).unlink()
                     deleted.append(relative)
@@ -99,8 +99,12 @@ def _previous_records(out: Path) -> tuple[dict[str, ComponentRecord], CheckSetRe
     return manifest.components, manifest.check_set
 
 
+def _files(record: ComponentRecord) -> tuple[str | None, ...]:
+    return record.onnx_file, record.engine.file, record.cpu_graph.file if record.cpu_graph else None
+
+
 def _named(records: dict[str, ComponentRecord]) -> set[str]:
-    return {f for r in records.values() for f in (r.onnx_file, r.engine.file) if f}
+    return {f for r in records.values() for f in _files(r) if f}
 
 
 def _remove_empty_folders(root: Path) -> None:

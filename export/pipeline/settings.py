@@ -32,6 +32,9 @@ class BuildSettings:
     keep: tuple[str, ...] = DEFAULT_KEEP
     seed: int = 0  # of the accuracy gate's pass noise
     engine_flavour: str | None = None  # engines.flavours name; None: the target's default
+    # int8 graphs for ONNX Runtime's CPU provider beside the target's (export.pipeline.cpu_graphs).
+    # Off unless asked: the CLI asks whenever it builds both pass components (--no-cpu-int8).
+    cpu_int8: bool = False
 
     def calibration_set(self) -> CalibrationSet:
         if self.calibration is None:
