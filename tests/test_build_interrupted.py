@@ -62,7 +62,8 @@ def _upscale(folder: Path) -> torch.Tensor:
 
 def _unnamed_files(folder: Path) -> list[str]:
     """Files under onnx/ and engines/ that the manifest does not name (validation reports aside)."""
-    named = {f for r in load_manifest(folder).components.values() for f in (r.onnx_file, r.engine.file) if f}
+    named = {f for r in load_manifest(folder).components.values()
+             for f in (r.onnx_file, r.engine.file, r.cpu_graph.file if r.cpu_graph else None) if f}
     named |= {f.replace(".onnx", ".validation.json") for f in named}
     files = [p for sub in ("onnx", "engines") for p in (folder / sub).rglob("*") if p.is_file()]
     return sorted(p.relative_to(folder).as_posix() for p in files if p.relative_to(folder).as_posix() not in named)

@@ -130,7 +130,8 @@ def _run_concurrently(folder: Path, first: tuple[str, ...], *others: tuple[str, 
 def _unnamed_files(folder: Path) -> list[str]:
     """Files the manifest does not name (graphs' validation reports aside)."""
     manifest = load_manifest(folder)
-    named = {f for r in manifest.components.values() for f in (r.onnx_file, r.engine.file) if f}
+    named = {f for r in manifest.components.values()
+             for f in (r.onnx_file, r.engine.file, r.cpu_graph.file if r.cpu_graph else None) if f}
     named |= {manifest.check_set.file} if manifest.check_set is not None else set()
     named |= {f.replace(".onnx", ".validation.json") for f in named}
     files = [p for p in folder.rglob("*") if p.is_file() and p.name not in ("manifest.json", "report.json")]
