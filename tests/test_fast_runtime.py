@@ -126,7 +126,10 @@ def test_noise_mode_is_checked_and_cpu_is_the_default_on_the_cpu(small_artifacts
 def test_torch_options_are_refused_for_backends_that_run_built_graphs(small_artifacts):
     with pytest.raises(InvalidArgumentError, match="configure the torch backend; the onnxruntime backend"):
         Upscaler.load(small_artifacts, backend="onnxruntime", device="cpu", precision="fp16")
-    with pytest.raises(InvalidArgumentError, match="precision must be one of fp32, fp16, bf16, got 'int8'"):
+    with pytest.raises(InvalidArgumentError, match="precision must be one of fp32, fp16, bf16, int8, got 'int4'"):
+        Upscaler.load(small_artifacts, backend="torch", device="cpu", precision="int4")
+    with pytest.raises(InvalidArgumentError, match="precision int8 runs the folder's CPU graphs on ONNX Runtime: with "
+                       "backend auto or onnxruntime"):
         Upscaler.load(small_artifacts, backend="torch", device="cpu", precision="int8")
     with pytest.raises(InvalidArgumentError, match="compile_mode must be one of default, reduce-overhead"):
         Upscaler.load(small_artifacts, backend="torch", device="cpu", compile_mode="fast")

@@ -77,10 +77,10 @@ def engines(monkeypatch):
     settings = {"identity": IDENTITY, "velocity_error": 0.0}
     real = upscaler_module._open_backend
 
-    def open_backend(kind, folder, device, torch_options):
+    def open_backend(kind, folder, manifest, device, torch_options, only=None):
         if kind == "tensorrt":
             return CheckedEngines(folder, settings["identity"], settings["velocity_error"])
-        return real(kind, folder, device, torch_options)
+        return real(kind, folder, manifest, device, torch_options, only)
 
     monkeypatch.setattr(upscaler_module, "_open_backend", open_backend)
     monkeypatch.setattr(upscaler_module, "_auto_order", lambda device, manifest, precision: (

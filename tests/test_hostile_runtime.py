@@ -180,10 +180,10 @@ def test_cli_says_which_backends_auto_skipped_and_why(small_artifacts, tmp_path)
 import runtime.upscaler as upscaler
 from runtime.backends import BackendUnavailable
 opened = upscaler._open_backend
-def without_onnxruntime(kind, folder, device, *options):
+def without_onnxruntime(kind, *arguments):
     if kind == "onnxruntime":
         raise BackendUnavailable("ONNX Runtime hidden by the test")
-    return opened(kind, folder, device, *options)
+    return opened(kind, *arguments)
 upscaler._open_backend = without_onnxruntime
 from runtime.cpu import CpuMatrixUnits
 upscaler.cpu_matrix_units = lambda: CpuMatrixUnits(False, False)  # the fp32 path: onnxruntime, then torch
@@ -290,10 +290,10 @@ def test_auto_logs_each_skipped_backend(small_artifacts, monkeypatch):
 
     opened = module._open_backend
 
-    def without_onnxruntime(kind, folder, device, *options):
+    def without_onnxruntime(kind, *arguments):
         if kind == "onnxruntime":
             raise BackendUnavailable("ONNX Runtime hidden by the test")
-        return opened(kind, folder, device, *options)
+        return opened(kind, *arguments)
 
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
