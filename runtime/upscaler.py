@@ -72,7 +72,7 @@ AUTO_ORDER_CUDA = ("tensorrt", "onnxruntime", "torch")
 AUTO_ORDER_CPU_BF16 = ("torch", "onnxruntime")
 AUTO_ORDER_CPU = ("onnxruntime", "torch")
 # Before either, where the folder has CPU graphs (int8, gated at bf16's limits) and the CPU has int8 dot
-# products: those on ONNX Runtime (1.4x torch's bf16 on AVX-512), decoding on the path that follows.
+# products: those on ONNX Runtime (1.5x torch's bf16 on AVX-512), decoding on the path that follows.
 CPU_GRAPHS = "onnxruntime-cpu-int8"  # the folder's CPU graphs on ONNX Runtime: auto's, or onnxruntime with precision int8
 PRECISIONS = (*TORCH_PRECISIONS, "int8")
 LATENT_FORMATS = ("flux2", "flux2_packed")

@@ -56,9 +56,10 @@ sys.stdin.readline()  # go
 sys.exit(run_cli(build.main, argv))
 """
 # One small calibration sample: the accuracy gate each build runs is not what these tests check
-# (with the default four 32x32 samples it took most of each build's time).
+# (with the default four 32x32 samples it took most of each build's time); nor are the CPU graphs
+# (tests/test_cpu_graphs.py), a stage as long again.
 SMALL = ["--target", "rtx4090", "--random-weights", "--min-px", "64", "--max-px", "512", "--vae-precision", "fp32",
-         "--components", "cond_encoder", "unet", "--calib-size", "1", "--calib-side", "8"]
+         "--components", "cond_encoder", "unet", "--calib-size", "1", "--calib-side", "8", "--no-cpu-int8"]
 FIRST_UNWRITTEN = "unet (fp16)"  # cond_encoder's graph is written, not yet named by a manifest
 
 
