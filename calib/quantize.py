@@ -350,9 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--target", choices=sorted(PRESETS), help="GPU preset: refuse a precision it cannot run "
                         "(fp8 needs compute capability >= 8.9)")
-    parser.add_argument("--keep", type=keep_groups, default=list(DEFAULT_KEEP),
+    parser.add_argument("--keep", type=keep_groups, default=None,
                         help=f"node groups kept in float: comma-separated {','.join(KEEP_GROUPS)}, or none "
-                             f"(default: all)")
+                             f"(default: all; {CPU_INT8}: {','.join(CPU_KEEP)}, as the build makes them)")
     add_weight_arguments(parser, with_vae=True)
     parser.add_argument("--seed", type=int_in_range(*SEED_RANGE), default=0, help=f"seed of --random-weights and of the pass noise, 0..{SEED_RANGE[1]}")
     parser.add_argument("--decoded-psnr", action="store_true",
@@ -375,7 +375,11 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.target and args.precision != CPU_INT8:
+    if args.target and args.precision == CPU_INT8:
+        parser.error(f"--target names a GPU; {CPU_INT8} graphs are for ONNX Runtime's CPU provider: leave --target out")
+    if args.keep is None:
+        args.keep = list(CPU_KEEP if args.precision == CPU_INT8 else DEFAULT_KEEP)
+    if args.target:
         try:
             PRESETS[args.target].check_precision(args.precision)
         except TargetError as exc:

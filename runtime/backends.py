@@ -335,14 +335,14 @@ class DecoderElsewhere(Backend):
     ``auto`` runs a folder's CPU graphs (int8, the pass only) this way: decoding stays on the path
     it would take without them (torch's bf16 decoder on CPUs with bf16 units), and an app that never
     decodes never loads a decoder. ``open_decoder`` returns that backend or raises
-    ``BackendUnavailable``; a failure is kept, not retried.
+    ``BackendUnavailable``.
     """
 
     def __init__(self, main: Backend, open_decoder: Callable[[], Backend], decoder: str = "vae_decoder"):
         self.main, self.name, self.device = main, main.name, main.device
         self._open_decoder, self._decoder_name = open_decoder, decoder
         self._decoder: Backend | None = None
-        self._decoder_error: str | None = None
+        self._closed = False
         self._lock = threading.Lock()
 
     @property
@@ -351,17 +351,17 @@ class DecoderElsewhere(Backend):
         return self._decoder
 
     def decoder(self) -> Backend:
-        """The decoder's backend, opened once; a failure is kept and raised again on each use."""
+        """The decoder's backend, opened at the first call that succeeds (a failure is tried again
+        next time: what failed may have been a file a rebuild replaced)."""
         with self._lock:
+            if self._closed:
+                raise BackendUnavailable(f"this {self.main.name} backend is closed")
             if self._decoder is None:
-                if self._decoder_error is not None:
-                    raise BackendUnavailable(self._decoder_error)
                 try:
                     self._decoder = self._open_decoder()
                 except BackendUnavailable as exc:
-                    self._decoder_error = (f"{self.main.name} runs the pass only, and none of the backends after it "
-                                           f"in auto's order can decode here: {exc}")
-                    raise BackendUnavailable(self._decoder_error) from exc
+                    raise BackendUnavailable(f"{self.main.name} runs the pass only, and none of the backends after "
+                                             f"it in auto's order can decode here: {exc}") from exc
                 logger.info("%s: decoding on %s", self.main.name, self._decoder.name)
             return self._decoder
 
@@ -382,7 +382,7 @@ class DecoderElsewhere(Backend):
 
     def close(self) -> None:
         with self._lock:
-            decoder, self._decoder, self._decoder_error = self._decoder, None, "this backend is closed"
+            decoder, self._decoder, self._closed = self._decoder, None, True
             try:
                 self.main.close()
             finally:

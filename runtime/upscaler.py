@@ -260,7 +260,10 @@ def _open_backend(kind: str, folder: Path, manifest: Manifest, device: torch.dev
         if not cpu_matrix_units().int8_dot:
             logger.warning("the folder's CPU graphs on a CPU without int8 dot products (VNNI/AMX-INT8): ONNX Runtime's "
                            "int8 kernels multiply in 16-bit pairs here, which can saturate; auto would not run them")
-        graphs.update(cpu_graphs(folder, manifest, list(PIPELINE)))
+        try:
+            graphs.update(cpu_graphs(folder, manifest, list(PIPELINE)))
+        except ManifestError as exc:  # a missing or changed CPU graph: auto runs its next path
+            raise BackendUnavailable(str(exc)) from exc
         return OnnxRuntimeBackend(graphs, device, provider="cpu", variant=CPU_INT8, variant_components=PIPELINE)
     if kind == "onnxruntime-tensorrt":
         if device.type != "cuda":
@@ -285,10 +288,10 @@ def _auto_order(device: torch.device, manifest: Manifest, precision: str | None)
         return AUTO_ORDER_CUDA, precision or folder_float_precision(manifest)
     units = cpu_matrix_units()
     threads = torch.get_num_threads()
-    if precision == "int8":
+    if precision == "int8":  # the pass on the CPU graphs only; what follows them decodes
         logger.info("backend auto on the CPU: the folder's CPU graphs (int8) on ONNX Runtime, as asked (this CPU has "
                     "%s), %d threads", units.describe(), threads)
-        return (CPU_GRAPHS,), None
+        return (CPU_GRAPHS, *(AUTO_ORDER_CPU_BF16 if units.bf16 else AUTO_ORDER_CPU)), "bf16" if units.bf16 else None
     first: tuple[str, ...] = ()
     no_graphs = cpu_graphs_made(manifest)
     if precision is None and units.int8_dot and no_graphs is None:
@@ -452,6 +455,7 @@ class Upscaler:
                    compile_mode: str | None) -> Upscaler:
         manifest = load_manifest(folder)
         order: tuple[str, ...] = (CPU_GRAPHS,) if precision == "int8" else (backend,)
+        strict = backend != "auto" or precision == "int8"  # no other path for the pass
         if backend == "auto":
             order, precision = _auto_order(device, manifest, precision)
         # auto never downloads weights: a folder copied without them falls back to its graphs at once
@@ -476,7 +480,7 @@ class Upscaler:
                 verify_first_use(opened, folder, manifest)  # engines that never ran here: checked once
                 return cls(folder, manifest, opened, skipped, noise)
             except BackendUnavailable as exc:
-                if backend != "auto":
+                if strict:
                     raise
                 skipped[kind] = str(exc)
                 # said, not warned: torch before ONNX Runtime on the CPU is a speed-up that a folder
@@ -582,7 +586,11 @@ class Upscaler:
             raise BackendUnavailable(
                 f"decoding needs a vae_decoder in {self.folder}; rebuild with --components cond_encoder unet vae_decoder"
             )
-        self.backend.check(DECODER)
+        try:
+            self.backend.check(DECODER)
+        except BackendUnavailable:
+            self._require_open()  # closed meanwhile by another thread: say so
+            raise
         lo, _, max_batch = _side_range(self.manifest, DECODER, "latents")
         if min(height, width) < lo or batch > max_batch:
             raise SizeOutOfRangeError(

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from calib import thresholds
-from engines.manifest import MANIFEST_NAME, ManifestError, read_manifest, sha256_file
+from engines.manifest import MANIFEST_NAME, read_manifest, sha256_file
 from export.build import main as build_main
 from export.pipeline.driver import build_artifacts
 from export.pipeline.errors import BuildError
@@ -121,24 +121,30 @@ def test_precision_int8_asks_for_the_cpu_graphs_and_says_why_it_cannot(folder, s
         with Upscaler.load(folder, backend=backend, precision="int8", device="cpu") as asked:
             assert asked.backend_name == "onnxruntime-cpu-int8"
             assert asked.backend.run_precision("unet") == "cpu-int8" and asked.backend.run_precision("vae_decoder") is None
-            image = asked.upscale(x, decode=True)  # the folder's fp32 decoder graph, in the same ONNX Runtime backend
+            image = asked.upscale(x, decode=True)  # the folder's fp32 decoder graph, on ONNX Runtime
             assert image.shape == (1, 3, 16 * 8, 16 * 8) and torch.isfinite(image).all()
-    with pytest.raises(BackendUnavailable, match="no CPU graphs .*--cpu-int8"):
-        Upscaler.load(small_artifacts, backend="onnxruntime", precision="int8", device="cpu")
+            if backend == "auto":  # decoding on what follows the CPU graphs in auto's order
+                assert asked.backend.opened_decoder.name == "onnxruntime-cpu"
+        with pytest.raises(BackendUnavailable, match="no CPU graphs .*--cpu-int8"):  # asked for: no other pass
+            Upscaler.load(small_artifacts, backend=backend, precision="int8", device="cpu")
     with pytest.raises(InvalidArgumentError, match="precision int8 runs the folder's CPU graphs on ONNX Runtime"):
         Upscaler.load(folder, backend="torch", precision="int8", device="cpu")
     with pytest.raises(InvalidArgumentError, match="precision must be one of fp32, fp16, bf16, int8"):
         Upscaler.load(folder, precision="int4", device="cpu")
 
 
-def test_a_changed_cpu_graph_is_refused(folder, tmp_path):
+def test_a_changed_cpu_graph_is_refused_and_auto_runs_its_next_path(folder, tmp_path, monkeypatch):
     copy = tmp_path / "art"
     shutil.copytree(folder, copy)
     record = read_manifest(copy).components["unet"].cpu_graph
     with open(copy / record.file, "ab") as graph:
         graph.write(b"\0")
-    with pytest.raises(ManifestError, match=f"CPU graph {record.file} does not match the manifest"):
+    with pytest.raises(BackendUnavailable, match=f"CPU graph {record.file} does not match the manifest"):
         Upscaler.load(copy, backend="onnxruntime", precision="int8", device="cpu")
+    pretend_cpu(monkeypatch, WITH_BF16_AND_INT8)
+    with Upscaler.load(copy, device="cpu") as auto:
+        assert auto.backend_name == "torch-bf16"
+        assert "does not match the manifest" in auto.skipped_backends["onnxruntime-cpu-int8"]
 
 
 def test_the_check_set_holds_the_cpu_graphs_to_int8_component_and_bf16_pass_limits(folder, monkeypatch):
@@ -209,6 +215,15 @@ def test_the_library_refuses_cpu_graphs_without_both_pass_components(small_model
         build_artifacts(small_models, _settings(cpu_int8=True, components=("unet", "vae_decoder")), tmp_path / "art")
 
 
+def test_calib_quantize_refuses_a_gpu_target_for_cpu_graphs(tmp_path, capsys):
+    from calib.quantize import main as quantize_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        quantize_main(["--precision", "cpu-int8", "--target", "rtx5090", "--random-weights", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2 and "cpu-int8 graphs are for ONNX Runtime's CPU provider" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 def test_the_quantizer_refuses_unsigned_fp8_activations(tmp_path):
     from calib.quantize import QuantizationError, quantize_graph
 
@@ -238,5 +253,5 @@ def test_closing_frees_the_decoder_and_later_use_says_closed(folder, monkeypatch
     decoder = backend.opened_decoder
     auto.close()
     assert backend.opened_decoder is None and not decoder._modules  # the torch backend's modules are gone
-    with pytest.raises(BackendUnavailable, match="closed"):
+    with pytest.raises(BackendUnavailable, match="backend is closed"):
         backend.check("vae_decoder")

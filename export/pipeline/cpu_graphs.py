@@ -83,6 +83,9 @@ class QuantizeCpuGraphs:
         except (AccuracyGateError, QuantizationError) as exc:
             reason = f"quantization failed: {exc}" if isinstance(exc, QuantizationError) else \
                 f"they failed the accuracy gate: {exc}"
+            if not cpu_matrix_units().int8_dot:
+                reason += (" (gated on a CPU without int8 dot products, where ONNX Runtime's int8 kernels can saturate: "
+                           "build on a CPU with VNNI or AMX, where the runtime would run them)")
             self.progress(f"  {CPU_INT8}: not made, {reason}; the folder's other graphs are unaffected, and on the "
                           "CPU the runtime's auto runs its next path")
             self.progress.finished("cond_encoder+unet", CPU_INT8, start, reused=False, built=False)
