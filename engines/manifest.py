@@ -400,16 +400,29 @@ def _check_file(folder: Path, relative: str, expected: str, what: str, rebuild: 
         )
 
 
-def cpu_graphs(folder: str | Path, manifest: Manifest, components: list[str]) -> dict[str, Path]:
-    """The CPU graphs of ``components`` (``CpuGraphRecord``), checked against their sha256; a
-    ``ManifestError`` saying why when one was not made or does not match."""
+def cpu_graphs_unusable(manifest: Manifest, components: tuple[str, ...]) -> str | None:
+    """None when the folder has CPU graphs (``CpuGraphRecord``, ``CPU_INT8``) of every one of
+    ``components``, else why not. Reads the manifest only."""
+    records = [manifest.components[n].cpu_graph if n in manifest.components else None for n in components]
+    if any(r is None for r in records):
+        return (f"the folder has no CPU graphs of {' and '.join(components)} (rebuild it with export.build, which "
+                "makes them by default when both are built, or --cpu-int8)")
+    if unmade := [r for r in records if not r.built]:
+        return f"the folder's CPU graphs were not made: {unmade[0].reason}"
+    if other := [r.precision for r in records if r.precision != CPU_INT8]:
+        return f"the folder's CPU graphs are {other[0]}, which this toolkit does not run (it runs {CPU_INT8}); rebuild it"
+    return None
+
+
+def cpu_graphs(folder: str | Path, manifest: Manifest, components: tuple[str, ...]) -> dict[str, Path]:
+    """The CPU graphs of ``components``, checked against their sha256; a ``ManifestError`` saying
+    why when they were not made or one does not match."""
+    if why := cpu_graphs_unusable(manifest, components):
+        raise ManifestError(why)
     folder = Path(folder)
     graphs = {}
     for name in components:
         record = manifest.components[name].cpu_graph
-        if record is None or not record.built:
-            why = record.reason if record is not None else "the build was not asked for one (export.build --cpu-int8)"
-            raise ManifestError(f"{folder} has no CPU graph of {name}: {why}")
         _check_file(folder, record.file, record.sha256, "CPU graph", manifest.rebuild_command)
         graphs[name] = folder / record.file
     return graphs

@@ -31,7 +31,15 @@ import torch
 
 from engines.cli import SEED_RANGE
 from engines.errors import FlowUpscalerError
-from engines.manifest import CPU_INT8, MANIFEST_NAME, Manifest, ManifestError, cpu_graphs, load_manifest
+from engines.manifest import (
+    CPU_INT8,
+    MANIFEST_NAME,
+    Manifest,
+    ManifestError,
+    cpu_graphs,
+    cpu_graphs_unusable,
+    load_manifest,
+)
 from engines.profiles import admitting_profile
 
 from .backends import (
@@ -227,19 +235,6 @@ def folder_float_precision(manifest: Manifest) -> str:
     return precision if precision in ("fp16", "bf16") else "fp32"
 
 
-def cpu_graphs_made(manifest: Manifest) -> str | None:
-    """None when the folder has CPU graphs of both pass components that this runtime runs, else why not."""
-    records = [manifest.components[n].cpu_graph if n in manifest.components else None for n in PIPELINE]
-    if any(r is None for r in records):
-        return ("the folder has no CPU graphs of cond_encoder and unet (rebuild it with export.build, which makes "
-                "them by default when both are built, or --cpu-int8)")
-    if unmade := [r for r in records if not r.built]:
-        return f"the folder's CPU graphs were not made: {unmade[0].reason}"
-    if other := [r.precision for r in records if r.precision != CPU_INT8]:
-        return f"the folder's CPU graphs are {other[0]}, which this runtime does not run (it runs {CPU_INT8}); rebuild it"
-    return None
-
-
 def _open_backend(kind: str, folder: Path, manifest: Manifest, device: torch.device, torch_options: dict,
                   only: tuple[str, ...] | None = None) -> Backend:
     """Open ``kind`` on the folder (``manifest``: the one the caller loaded and checked); ``only``:
@@ -255,15 +250,13 @@ def _open_backend(kind: str, folder: Path, manifest: Manifest, device: torch.dev
     if kind == CPU_GRAPHS:
         if device.type != "cpu":
             raise BackendUnavailable(f"the folder's CPU graphs run on ONNX Runtime's CPU provider, not on {device}")
-        if why := cpu_graphs_made(manifest):
-            raise BackendUnavailable(why)
+        try:
+            graphs.update(cpu_graphs(folder, manifest, PIPELINE))
+        except ManifestError as exc:  # none made, or one missing or changed: auto runs its next path
+            raise BackendUnavailable(str(exc)) from exc
         if not cpu_matrix_units().int8_dot:
             logger.warning("the folder's CPU graphs on a CPU without int8 dot products (VNNI/AMX-INT8): ONNX Runtime's "
                            "int8 kernels multiply in 16-bit pairs here, which can saturate; auto would not run them")
-        try:
-            graphs.update(cpu_graphs(folder, manifest, list(PIPELINE)))
-        except ManifestError as exc:  # a missing or changed CPU graph: auto runs its next path
-            raise BackendUnavailable(str(exc)) from exc
         return OnnxRuntimeBackend(graphs, device, provider="cpu", variant=CPU_INT8, variant_components=PIPELINE)
     if kind == "onnxruntime-tensorrt":
         if device.type != "cuda":
@@ -293,7 +286,7 @@ def _auto_order(device: torch.device, manifest: Manifest, precision: str | None)
                     "%s), %d threads", units.describe(), threads)
         return (CPU_GRAPHS, *(AUTO_ORDER_CPU_BF16 if units.bf16 else AUTO_ORDER_CPU)), "bf16" if units.bf16 else None
     first: tuple[str, ...] = ()
-    no_graphs = cpu_graphs_made(manifest)
+    no_graphs = cpu_graphs_unusable(manifest, PIPELINE)
     if precision is None and units.int8_dot and no_graphs is None:
         first = (CPU_GRAPHS,)
         logger.info("backend auto on the CPU: the folder's CPU graphs (int8, gated at bf16's limits) on ONNX Runtime "
