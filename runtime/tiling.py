@@ -38,22 +38,32 @@ def _ramp(length: int, start: int, total: int, fade: int, device: torch.device) 
     return weight
 
 
+def tile_count(height: int, width: int, tile: int, overlap: int) -> int:
+    """How many tiles ``decode_tiled`` decodes for latents of ``height`` x ``width``."""
+    return len(tile_starts(height, tile, overlap)) * len(tile_starts(width, tile, overlap))
+
+
 def decode_tiled(
     decode: Callable[[torch.Tensor], torch.Tensor],
     latents: torch.Tensor,
     tile: int,
     overlap: int,
     scale: int = 8,
+    on_tile: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """Decode ``latents`` [B, C, H, W] in tiles of at most ``tile`` latent pixels a side.
 
     ``decode`` maps a latent tile to an image ``scale`` times larger. Returns the blended image,
-    always a new fp32 tensor: ``decode`` may hand back a buffer its backend reuses.
+    always a new fp32 tensor: ``decode`` may hand back a buffer its backend reuses. ``on_tile`` is
+    called after each tile (progress; an exception it raises stops the decode between tiles).
     """
     batch, _, height, width = latents.shape
     rows, cols = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
     if len(rows) == len(cols) == 1:
-        return decode(latents).to(torch.float32, copy=True)
+        image = decode(latents).to(torch.float32, copy=True)
+        if on_tile is not None:
+            on_tile()
+        return image
     fade = overlap * scale
     image = weights = None
     for top in rows:
@@ -70,6 +80,8 @@ def decode_tiled(
             cols_px = slice(left * scale, (left + w) * scale)
             image[:, :, rows_px, cols_px] += piece * ramp
             weights[:, :, rows_px, cols_px] += ramp
+            if on_tile is not None:
+                on_tile()
     return image.div_(weights)  # in place: a second full-size image would double the decode's peak
 
 

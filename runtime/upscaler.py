@@ -65,7 +65,8 @@ from .latents import (
 )
 from .cpu import cpu_matrix_units
 from .noise import NOISE_MODES, CpuNoise, DeviceNoise, Noise, Seeds, chain_noise_shapes
-from .tiling import decode_bytes, decode_tiled
+from .progress import ProgressCallback, Steps
+from .tiling import decode_bytes, decode_tiled, tile_count
 
 logger = logging.getLogger(__name__)
 
@@ -482,6 +483,47 @@ class Upscaler:
                 logger.log(level, "backend auto: skipped %s on %s: %s", kind, device, exc)
         raise BackendUnavailable("no backend can run here: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
 
+    @classmethod
+    def from_checkpoint(
+        cls,
+        checkpoint: str | Path,
+        device: str | torch.device | None = None,
+        noise: str = "auto",
+        precision: str | None = None,
+        compile_mode: str | None = None,
+    ) -> Upscaler:
+        """The published Flow Upscaler ``.safetensors`` file on the torch backend, without a build.
+
+        No graphs, engines, check set or decoder (``decode`` is refused: decode with the FLUX.2 VAE);
+        sizes are bounded by memory only (``runtime.checkpoint``). ``precision``: fp32 (default, the
+        reference), fp16 or bf16 (``TorchBackend``'s policies); ``device`` and ``noise`` as in ``load``.
+        """
+        if noise not in NOISE_MODES:
+            raise InvalidArgumentError(f"noise must be one of {', '.join(NOISE_MODES)}, got {noise!r}")
+        if precision is not None and precision not in TORCH_PRECISIONS:
+            raise InvalidArgumentError(
+                f"a checkpoint runs on the torch backend: precision must be one of {', '.join(TORCH_PRECISIONS)}, "
+                f"got {precision!r} (int8 needs a folder built with python -m export.build)")
+        if compile_mode is not None and compile_mode not in COMPILE_MODES:
+            raise InvalidArgumentError(f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {compile_mode!r}")
+        from .checkpoint import open_checkpoint
+
+        path, manifest, backend = open_checkpoint(checkpoint, resolve_device(device), precision or "fp32", compile_mode)
+        return cls(path, manifest, backend, noise=noise)
+
+    @staticmethod
+    def memory_needed(artifact_dir: str | Path) -> int:
+        """Device memory (bytes) the folder needs loaded, from its manifest's figures, read before
+        loading (``runtime.footprint``): what a host sharing the GPU frees first."""
+        from .footprint import memory_needed
+
+        return memory_needed(artifact_dir)
+
+    @property
+    def closed(self) -> bool:
+        """Whether ``close()`` was called (a host keeping upscalers open checks it before reuse)."""
+        return self._closed
+
     @property
     def backend_name(self) -> str:
         return self.backend.name
@@ -660,13 +702,18 @@ class Upscaler:
             return fused(latents_small, noise.next_pass(latents_small))
         return run_pass(self.backend.run, latents_small, noise)
 
-    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode_tiles(self, height: int, width: int) -> int:
+        """How many tiles the decode of [B, 32, height, width] latents runs (the progress steps it reports)."""
+        tile = self._decode_tile()
+        return tile_count(height, width, tile, tile // TILE_OVERLAP_FRACTION)
+
+    def _decode(self, latents: torch.Tensor, steps: Steps) -> torch.Tensor:
         tile = self._decode_tile()
 
         def run(tile_latents: torch.Tensor) -> torch.Tensor:
             return self.backend.run(DECODER, {"latents": tile_latents.contiguous()})["image"]
 
-        return decode_tiled(run, latents, tile, tile // TILE_OVERLAP_FRACTION, PIXELS_PER_LATENT)
+        return decode_tiled(run, latents, tile, tile // TILE_OVERLAP_FRACTION, PIXELS_PER_LATENT, steps.advance)
 
     def upscale(
         self,
@@ -676,6 +723,7 @@ class Upscaler:
         decode: bool = False,
         latent_format: str = "flux2",
         noise: str | None = None,
+        progress: ProgressCallback | None = None,
     ) -> torch.Tensor | np.ndarray:
         """Normalised FLUX.2 latents in, latents ``scale`` times larger out (or images with ``decode``).
 
@@ -683,28 +731,40 @@ class Upscaler:
         its result alone with its seed). ``noise``: this call's noise mode (``cpu`` or ``device``;
         None: the one loaded with). Output: the input's form (packed stays packed; numpy in,
         numpy out); with ``decode``, images [B, 3, 8H, 8W] fp32, about [-1, 1].
+
+        ``progress(done, total)``: called before the work and after each pass and decoded tile;
+        raising from it cancels the call between two of them (``runtime.progress``).
         """
         x = self.check_input(latents, scale, decode, latent_format)
         seeds = check_seeds(seed, x.shape[0])
         if noise not in (None, "cpu", "device"):
             raise InvalidArgumentError(f"noise must be cpu, device or None (the loaded mode), got {noise!r}")
+        _check_progress(progress)
         as_numpy = isinstance(latents, np.ndarray)
         x = x.float()
+        passes = int(math.log2(scale))
+        tiles = self.decode_tiles(x.shape[2] * scale, x.shape[3] * scale) if decode else 0
         with self._lock, self.backend.on_stream() as caller:
             self._require_open()  # closed by another thread while this call waited
             _used_here(x, caller)
+            steps = Steps(progress, passes + tiles)
             source = self._noise(seeds, tuple(x.shape), scale, noise or self.noise_mode)
-            for _ in range(int(math.log2(scale))):
+            for _ in range(passes):
                 x = self._pass(x, source)
-            out = self._decode(x) if decode else x
+                steps.advance()
+            out = self._decode(x, steps) if decode else x
             _hand_over(out, caller)
         if not decode and latent_format == "flux2_packed":
             out = pack(out)
         return out.numpy() if as_numpy else out
 
-    def decode(self, latents: torch.Tensor | np.ndarray, latent_format: str = "flux2") -> torch.Tensor | np.ndarray:
-        """Normalised latents -> images [B, 3, 8H, 8W] fp32, decoded in tiles beyond one profile tile."""
+    def decode(self, latents: torch.Tensor | np.ndarray, latent_format: str = "flux2",
+               progress: ProgressCallback | None = None) -> torch.Tensor | np.ndarray:
+        """Normalised latents -> images [B, 3, 8H, 8W] fp32, decoded in tiles beyond one profile tile.
+
+        ``progress(done, total)``: as in ``upscale``, one step per tile."""
         self._require_open()
+        _check_progress(progress)
         x = self._unpacked(latents, latent_format)
         self._require_batch(x)
         if x.dim() == 4 and x.shape[1] == LATENT_CHANNELS:  # before the NaN scan, which allocates a
@@ -715,9 +775,14 @@ class Upscaler:
         with self._lock, self.backend.on_stream() as caller:
             self._require_open()  # closed by another thread while this call waited
             _used_here(x, caller)
-            images = self._decode(x)
+            images = self._decode(x, Steps(progress, self.decode_tiles(x.shape[2], x.shape[3])))
             _hand_over(images, caller)
         return images.numpy() if isinstance(latents, np.ndarray) else images
+
+
+def _check_progress(progress: object) -> None:
+    if progress is not None and not callable(progress):
+        raise InvalidArgumentError(f"progress must be a callable (done, total) or None, got {type(progress).__name__}")
 
 
 def _used_here(tensor: torch.Tensor, caller: torch.cuda.Stream | None) -> None:
