@@ -434,10 +434,13 @@ class TorchBackend(Backend):
         compile_mode: str | None = None,
         offline: bool = False,
         components: tuple[str, ...] | None = None,
+        models: object | None = None,
     ):
         """``offline``: rebuild from local weights (files, the Hugging Face cache) only, never a
         download: what ``auto`` asks, so that a folder copied without its weights falls back to
-        its graphs at once. ``components``: the folder's components to rebuild (default: all)."""
+        its graphs at once. ``components``: the folder's components to rebuild (default: all).
+        ``models``: the fp32 eager models (``export.models.components.Models``) already loaded,
+        instead of the manifest's weight record (``runtime.checkpoint``: a checkpoint without a folder)."""
         if precision not in TORCH_PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(TORCH_PRECISIONS)}, got {precision!r}")
         if compile_mode is not None and compile_mode not in COMPILE_MODES:
@@ -453,7 +456,8 @@ class TorchBackend(Backend):
 
         try:
             names = [n for n in manifest.components if components is None or n in components]
-            models = models_from_weights_record(manifest.weights, names, offline=offline)
+            if models is None:
+                models = models_from_weights_record(manifest.weights, names, offline=offline)
         except ImportError as exc:  # huggingface_hub, imported when a checkpoint is read
             raise BackendUnavailable(f"{needs}: {exc}") from exc
         except CheckpointError as exc:  # the weights could not be read (offline: not in a local cache)
