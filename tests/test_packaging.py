@@ -182,6 +182,8 @@ DISTRIBUTIONS = {
     "pytriton": "nvidia-pytriton", "triton_python_backend_utils": "nvidia-pytriton", "tritonclient": "tritonclient",
 }
 PROJECT_PACKAGES = ("engines", "export", "runtime", "calib", "benchmarks")
+# Modules of the program that imports the code, not of any distribution: ComfyUI's, for its nodes only.
+HOST_MODULES = {"folder_paths": "runtime/comfyui/", "comfy": "runtime/comfyui/"}
 
 
 def _third_party_imports(packages: tuple[str, ...]) -> dict[str, set[str]]:
@@ -201,7 +203,9 @@ def _third_party_imports(packages: tuple[str, ...]) -> dict[str, set[str]]:
                     continue
                 for name in names:
                     top = name.split(".")[0]
-                    if top not in sys.stdlib_module_names and top not in PROJECT_PACKAGES and top != "__future__":
+                    if top in HOST_MODULES:
+                        assert str(path.relative_to(ROOT)).startswith(HOST_MODULES[top]), f"{path} imports {top}"
+                    elif top not in sys.stdlib_module_names and top not in PROJECT_PACKAGES and top != "__future__":
                         found.setdefault(top, set()).add(str(path.relative_to(ROOT)))
     return found
 
