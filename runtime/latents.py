@@ -25,6 +25,9 @@ PACKED_CHANNELS = 4 * LATENT_CHANNELS
 # One flow-match Euler step from sigma 1 to 0: the model is called at t = 1000 (MODEL.md 2).
 TIMESTEP = 1000.0
 SCALES = (2, 4, 8)
+PIXELS_PER_PATCH = 16  # image pixels per packed latent pixel (the VAE's 8, then 2x2 patches)
+# Latents of other model families, by channel count, for the messages that refuse them.
+OTHER_LATENTS = {4: "SD 1.x/2.x/SDXL", 16: "FLUX.1, SD3 or Wan", 64: "Hunyuan", 12: "Cosmos"}
 
 
 class InvalidLatentsError(FlowUpscalerError, ValueError):
@@ -102,6 +105,20 @@ class LatentStats:
             vae.bn.running_mean, vae.bn.running_var, vae.config.batch_norm_eps
         )
 
+    @staticmethod
+    def record_of_vae(vae: torch.nn.Module) -> dict:
+        """The VAE's BatchNorm buffers as the manifest keeps them (``weights.vae.latent_stats``):
+        float32 values written as JSON numbers, which read back bit-exact."""
+        return {"running_mean": vae.bn.running_mean.detach().float().tolist(),
+                "running_var": vae.bn.running_var.detach().float().tolist(),
+                "eps": float(vae.config.batch_norm_eps)}
+
+    @classmethod
+    def from_record(cls, record: dict) -> "LatentStats":
+        """The stats from ``record_of_vae``'s record, computed as diffusers' pipelines do (fp32)."""
+        return cls.from_running_stats(torch.tensor(record["running_mean"], dtype=torch.float32),
+                                      torch.tensor(record["running_var"], dtype=torch.float32), record["eps"])
+
 
 def normalise(latents: torch.Tensor, stats: LatentStats) -> torch.Tensor:
     """Raw VAE latent (32 ch) -> the normalised latent the Flow Upscaler takes."""
@@ -113,6 +130,37 @@ def denormalise(latents: torch.Tensor, stats: LatentStats) -> torch.Tensor:
     """Normalised latent (32 ch) -> raw VAE latent, ready for ``post_quant_conv``."""
     patches = patchify(latents)
     return unpatchify(patches * stats.std.to(patches) + stats.mean.to(patches))
+
+
+def tokens_to_packed(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``Flux2Pipeline``'s ``output_type="latent"`` tokens [B, h*w, 128] -> packed [B, 128, h, w].
+
+    ``height``/``width``: the image size in pixels the pipeline was called with (h = height // 16,
+    w = width // 16, as it rounds); its tokens are in row-major order (its latent ids). The values
+    are already BN-normalised: the result is the runtime's ``flux2_packed`` and what the
+    pipelines' ``latents=`` argument takes. Exact (a reshape)."""
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3 or tokens.shape[2] != PACKED_CHANNELS:
+        got = f"shape {tuple(tokens.shape)}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise InvalidLatentsError(f"tokens must be a tensor [batch, h*w, {PACKED_CHANNELS}] (Flux2Pipeline's "
+                                  f"latent output), got {got}")
+    for name, side in (("height", height), ("width", width)):
+        if isinstance(side, bool) or not isinstance(side, int) or side < 2 * PIXELS_PER_PATCH:
+            raise InvalidLatentsError(f"{name} must be the image's {name} in pixels the pipeline was called with "
+                                      f"(an int >= {2 * PIXELS_PER_PATCH}), got {side!r}")
+    h, w = height // PIXELS_PER_PATCH, width // PIXELS_PER_PATCH
+    if tokens.shape[1] != h * w:
+        raise InvalidLatentsError(
+            f"tokens hold {tokens.shape[1]} positions, but a {height}x{width} px image has {h}x{w} = {h * w}: "
+            "give the height and width the pipeline was called with")
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], PACKED_CHANNELS, h, w)
+
+
+def packed_to_tokens(packed: torch.Tensor) -> torch.Tensor:
+    """Packed [B, 128, h, w] -> ``Flux2Pipeline``'s token form [B, h*w, 128] (inverse of ``tokens_to_packed``)."""
+    _require_rank4(packed, "packed latents")
+    if packed.shape[1] != PACKED_CHANNELS:
+        raise InvalidLatentsError(f"packed latents must have {PACKED_CHANNELS} channels, got {packed.shape[1]}")
+    return packed.flatten(2).transpose(1, 2)
 
 
 def describe_shape(x: torch.Tensor) -> str:

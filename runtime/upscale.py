@@ -52,7 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--decode", type=Path, help="also decode to this PNG (batch > 1: NAME_0.png, NAME_1.png, ...)")
     parser.add_argument("--backend", choices=BACKENDS, default="auto")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if present, else cpu)")
-    parser.add_argument("--latent-format", choices=LATENT_FORMATS, default="flux2")
+    parser.add_argument(
+        "--latent-format", choices=LATENT_FORMATS, default="flux2",
+        help="flux2: normalised [B, 32, h, w]; flux2_packed: ComfyUI's [B, 128, h/2, w/2]; flux2_vae: raw VAE "
+             "latents [B, 32, h, w] (Flux2KleinPipeline's output), normalised with the folder's statistics; "
+             "the output keeps the input's form")
     return parser
 
 

@@ -55,10 +55,14 @@ from .backends import (
 )
 from .latents import (
     LATENT_CHANNELS,
+    OTHER_LATENTS,
     PACKED_CHANNELS,
     SCALES,
     TIMESTEP,
     InvalidLatentsError,
+    LatentStats,
+    denormalise,
+    normalise,
     pack,
     unpack,
     validate_latents,
@@ -84,7 +88,10 @@ AUTO_ORDER_CPU = ("onnxruntime", "torch")
 # products: those on ONNX Runtime (1.5x torch's bf16 on AVX-512), decoding on the path that follows.
 CPU_GRAPHS = "onnxruntime-cpu-int8"  # the folder's CPU graphs on ONNX Runtime: auto's, or onnxruntime with precision int8
 PRECISIONS = (*TORCH_PRECISIONS, "int8")
-LATENT_FORMATS = ("flux2", "flux2_packed")
+# flux2: normalised [B, 32, H/8, W/8]; flux2_packed: ComfyUI's and the diffusers pipelines' `latents=`
+# form [B, 128, H/16, W/16]; flux2_vae: raw VAE latents [B, 32, H/8, W/8], what Flux2KleinPipeline
+# returns and vae.decode takes (normalised with the folder's BN statistics, `latent_stats`).
+LATENT_FORMATS = ("flux2", "flux2_packed", "flux2_vae")
 PIPELINE = ("cond_encoder", "unet")
 DECODER = "vae_decoder"
 MAIN_INPUTS = {"cond_encoder": "latents_small", "unet": "sample", DECODER: "latents"}
@@ -525,6 +532,22 @@ class Upscaler:
         return self._closed
 
     @property
+    def latent_stats(self) -> LatentStats:
+        """The BN statistics of the VAE the folder was built with (its manifest's record): what
+        ``runtime.latents.normalise``/``denormalise`` and ``latent_format="flux2_vae"`` use."""
+        record = self.manifest.weights.get("vae", {}).get("latent_stats")
+        if record is None:
+            raise InvalidArgumentError(
+                f"{self.folder} records no VAE statistics (a checkpoint, a folder built without vae_decoder, or "
+                f"by an older build: {self.manifest.rebuild_command}); normalise raw VAE latents yourself with "
+                "runtime.latents.normalise(latents, LatentStats.from_vae(pipe.vae))")
+        try:
+            return LatentStats.from_record(record)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ManifestError(f"{self.folder}: weights.vae.latent_stats is malformed ({exc}); rebuild with: "
+                                f"{self.manifest.rebuild_command}") from None
+
+    @property
     def backend_name(self) -> str:
         return self.backend.name
 
@@ -601,6 +624,15 @@ class Upscaler:
         if latent_format not in LATENT_FORMATS:
             raise InvalidLatentsError(f"latent_format must be one of {LATENT_FORMATS}, got {latent_format!r}")
         x = self._as_tensor(latents)
+        if x.dim() == 3 and x.shape[2] == PACKED_CHANNELS:
+            raise InvalidLatentsError(
+                f"latents of shape {tuple(x.shape)} look like Flux2Pipeline's tokens [batch, h*w, {PACKED_CHANNELS}], "
+                "which carry no image size: convert them with runtime.latents.tokens_to_packed(tokens, height, width) "
+                "and pass latent_format='flux2_packed'")
+        if x.dim() == 4 and x.shape[1] in OTHER_LATENTS:
+            raise InvalidLatentsError(
+                f"latents have {x.shape[1]} channels, as {OTHER_LATENTS[x.shape[1]]} latents do; the Flow Upscaler "
+                f"takes FLUX.2 latents: [batch, {LATENT_CHANNELS}, H/8, W/8], or {PACKED_CHANNELS} channels packed")
         if latent_format == "flux2_packed":
             if x.dim() != 4 or x.shape[1] != PACKED_CHANNELS:
                 raise InvalidLatentsError(
@@ -612,6 +644,10 @@ class Upscaler:
                 f"latents have {PACKED_CHANNELS} channels: pass latent_format='flux2_packed' for packed FLUX.2 "
                 f"latents, or unpacked [batch, {LATENT_CHANNELS}, h, w]"
             )
+        elif latent_format == "flux2_vae":
+            stats = self.latent_stats
+            validate_latents(x)  # before the normalisation, which needs the shape and hides a non-float dtype
+            x = normalise(x.float(), stats)
         return x
 
     def _check_decode(self, batch: int, height: int, width: int, new_latents: bool) -> None:
@@ -729,8 +765,8 @@ class Upscaler:
 
         ``seed``: an int for the whole batch, or one int per batch item (each item then equals
         its result alone with its seed). ``noise``: this call's noise mode (``cpu`` or ``device``;
-        None: the one loaded with). Output: the input's form (packed stays packed; numpy in,
-        numpy out); with ``decode``, images [B, 3, 8H, 8W] fp32, about [-1, 1].
+        None: the one loaded with). Output: the input's form (packed stays packed, ``flux2_vae``
+        stays raw; numpy in, numpy out); with ``decode``, images [B, 3, 8H, 8W] fp32, about [-1, 1].
 
         ``progress(done, total)``: called before the work and after each pass and decoded tile;
         raising from it cancels the call between two of them (``runtime.progress``).
@@ -756,6 +792,8 @@ class Upscaler:
             _hand_over(out, caller)
         if not decode and latent_format == "flux2_packed":
             out = pack(out)
+        elif not decode and latent_format == "flux2_vae":
+            out = denormalise(out, self.latent_stats)
         return out.numpy() if as_numpy else out
 
     def decode(self, latents: torch.Tensor | np.ndarray, latent_format: str = "flux2",

@@ -112,7 +112,8 @@ def test_packed_and_numpy_inputs_keep_their_form(upscaler):
     "latents, kwargs, error, message",
     [
         (_latents(32, 8, 8), {}, InvalidLatentsError, "rank 4"),
-        (_latents(1, 16, 8, 8), {}, InvalidLatentsError, "must have 32 channels"),
+        (_latents(1, 16, 8, 8), {}, InvalidLatentsError, r"16 channels, as FLUX.1, SD3 or Wan latents do; .*\[batch, 32, H/8"),
+        (_latents(1, 24, 8, 8), {}, InvalidLatentsError, "must have 32 channels"),
         (_latents(1, 128, 8, 8), {}, InvalidLatentsError, "pass latent_format='flux2_packed'"),
         (_latents(1, 32, 8, 8), {"latent_format": "flux2_packed"}, InvalidLatentsError, r"must be \[batch, 128, h, w\]"),
         (torch.ones(1, 32, 8, 8, dtype=torch.int64), {}, InvalidLatentsError, "floating-point"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from export.checkpoint import weights_digest
 from export.onnx.components import COMPONENTS, Models
+from runtime.latents import LatentStats
 
 
 def public_config(model) -> dict:
@@ -25,5 +26,7 @@ def weights_record(models: Models, digests: dict[str, str], sources: dict) -> di
     for needs, digest in digests.items():
         entry = dict(sources.get(needs, {}))
         entry.update(config=public_config(getattr(models, needs)), sha256=digest)
+        if needs == "vae":  # what the runtime converts raw VAE latents with, without the VAE
+            entry["latent_stats"] = LatentStats.record_of_vae(models.vae)
         record[needs] = entry
     return record

@@ -22,7 +22,8 @@ import comfy.utils
 import torch
 
 from engines.errors import FlowUpscalerError
-from runtime.latents import PACKED_CHANNELS
+from runtime.latents import LATENT_CHANNELS, PACKED_CHANNELS
+from runtime.latents import OTHER_LATENTS as OTHER_FAMILIES
 from runtime.upscaler import BACKENDS, PRECISIONS, SEED_MAX
 
 from . import models
@@ -33,9 +34,8 @@ logger = logging.getLogger(__name__)
 CATEGORY = "latent/upscaling"
 SCALES = {"2x": 2, "4x": 4, "8x": 8}
 PRECISION_CHOICES = ("auto", *PRECISIONS)
-# Latents of other model families, by channel count, for the message that refuses them.
-OTHER_LATENTS = {4: "SD 1.x/2.x/SDXL", 16: "FLUX.1, SD3 or Wan", 32: "an unpacked FLUX.2 latent (not ComfyUI's form)",
-                 64: "Hunyuan", 12: "Cosmos"}
+# What a LATENT of other channel counts holds, for the message that refuses it.
+OTHER_LATENTS = {**OTHER_FAMILIES, LATENT_CHANNELS: "an unpacked FLUX.2 latent (not ComfyUI's form)"}
 
 
 class FlowUpscalerNodeError(Exception):
