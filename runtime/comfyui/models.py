@@ -15,6 +15,7 @@ from pathlib import Path
 
 import folder_paths
 
+from engines.errors import FlowUpscalerError
 from engines.manifest import MANIFEST_NAME
 
 FOLDERS = "flow_upscaler"
@@ -93,7 +94,7 @@ class Model:
     path: Path
 
 
-class ModelNotFound(LookupError):
+class ModelNotFound(FlowUpscalerError, LookupError):
     pass
 
 

@@ -38,7 +38,7 @@ PRECISION_CHOICES = ("auto", *PRECISIONS)
 OTHER_LATENTS = {**OTHER_FAMILIES, LATENT_CHANNELS: "an unpacked FLUX.2 latent (not ComfyUI's form)"}
 
 
-class FlowUpscalerNodeError(Exception):
+class FlowUpscalerNodeError(FlowUpscalerError):
     """What a Flow Upscaler node refuses, as one sentence ComfyUI shows in its error dialog."""
 
 
@@ -48,6 +48,8 @@ def explained() -> Iterator[None]:
     (ComfyUI logs the traceback of what a node raises: this keeps it to the node's own frame)."""
     try:
         yield
+    except FlowUpscalerNodeError:
+        raise
     except FlowUpscalerError as exc:
         message = " ".join(str(exc).split())
         raise FlowUpscalerNodeError(f"Flow Upscaler: {message}") from None
