@@ -42,7 +42,7 @@ from engines.cli import int_in_range, run_cli
 from engines.manifest import CPU_INT8, ManifestError, load_manifest
 from engines.targets import target_for_device
 from engines.files import OutputPathError, atomic_output, check_output_file
-from runtime.latents import TIMESTEP
+from runtime.upscale_pass import TIMESTEP
 from runtime.numerics import full_fp32
 from runtime.tiling import decode_tiled
 
@@ -263,7 +263,7 @@ class RuntimeRunner:
 
     def call(self, component: str, size: int, noise: str | None = None) -> Callable[[], object]:
         from runtime import BackendUnavailable, InvalidLatentsError
-        from runtime.upscaler import run_pass
+        from runtime.upscale_pass import run_pass
 
         low, high = _latent_sides(size)
         run = self.upscaler.backend.run

@@ -28,7 +28,7 @@ from engines.files import OutputPathError, atomic_output, check_output_file
 from runtime.backends import OnnxRuntimeBackend
 from runtime.noise import CpuNoise
 from runtime.numerics import full_fp32
-from runtime.upscaler import run_pass
+from runtime.upscale_pass import run_pass
 
 from .data import (
     CalibrationError,

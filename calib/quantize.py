@@ -174,7 +174,7 @@ def _named(model: onnx.ModelProto) -> onnx.ModelProto:
 def calibration_inputs(component: str, models, calibration: CalibrationSet, seed: int = 0) -> list[dict[str, np.ndarray]]:
     """Each sample's fp32 inputs of ``component`` in one pass: the eager encoder feeds the U-Net."""
     from export.onnx.components import COMPONENTS as SPECS
-    from runtime.latents import TIMESTEP
+    from runtime.upscale_pass import TIMESTEP
     from runtime.noise import CpuNoise
 
     encoder = SPECS["cond_encoder"].module(models)

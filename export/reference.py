@@ -18,7 +18,6 @@ from engines.cli import SEED_RANGE, int_in_range, run_cli
 from runtime.latents import (
     LATENT_CHANNELS,
     SCALES,
-    TIMESTEP,
     InvalidLatentsError,
     describe_shape,
     pack,
@@ -28,6 +27,7 @@ from runtime.latents import (
     write_latents,
 )
 from runtime.noise import CpuNoise
+from runtime.upscale_pass import TIMESTEP
 from runtime.numerics import full_fp32
 
 from .checkpoint import CheckpointError, add_weight_arguments, load_unet

@@ -23,7 +23,7 @@ from engines.errors import FlowUpscalerError
 from engines.manifest import ComponentRecord, Manifest
 from engines.requirements import onnxruntime_missing
 
-from .latents import TIMESTEP
+from .upscale_pass import TIMESTEP
 from .numerics import full_fp32
 
 Tensors = dict[str, torch.Tensor]

@@ -32,7 +32,7 @@ from engines.manifest import Manifest, sha256_file
 from .backends import Backend, BackendUnavailable
 from .cache import cache_dir
 from .noise import Noise
-from .upscaler import run_pass
+from .upscale_pass import run_pass
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ checked.
 
 This module is the latent contract shared by the eager reference (``export``) and the runtime, so
 it lives on the runtime side, which must not import ``export``. The noise convention is in
-``runtime.noise``.
+``runtime.noise``, the pass in ``runtime.upscale_pass``.
 """
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ from engines.files import atomic_output
 
 LATENT_CHANNELS = 32
 PACKED_CHANNELS = 4 * LATENT_CHANNELS
-# One flow-match Euler step from sigma 1 to 0: the model is called at t = 1000 (MODEL.md 2).
-TIMESTEP = 1000.0
 SCALES = (2, 4, 8)
 PIXELS_PER_PATCH = 16  # image pixels per packed latent pixel (the VAE's 8, then 2x2 patches)
 # Latents of other model families, by channel count, for the messages that refuse them.

@@ -58,7 +58,6 @@ from .latents import (
     OTHER_LATENTS,
     PACKED_CHANNELS,
     SCALES,
-    TIMESTEP,
     InvalidLatentsError,
     LatentStats,
     denormalise,
@@ -70,6 +69,7 @@ from .latents import (
 from .cpu import cpu_matrix_units
 from .noise import NOISE_MODES, CpuNoise, DeviceNoise, Noise, Seeds, chain_noise_shapes
 from .progress import ProgressCallback, Steps
+from .upscale_pass import run_pass
 from .tiling import decode_bytes, decode_tiled, tile_count
 
 logger = logging.getLogger(__name__)
@@ -330,18 +330,6 @@ def _open_decoder(kinds: tuple[str, ...], folder: Path, manifest: Manifest, devi
         except BackendUnavailable as exc:
             reasons.append(f"{kind}: {exc}")
     raise BackendUnavailable("; ".join(reasons))
-
-
-def run_pass(run: Callable[[str, dict], dict], latents_small: torch.Tensor, noise: Noise) -> torch.Tensor:
-    """One 2x pass through ``run(component, inputs) -> outputs`` (a backend's, or any graphs').
-
-    The noise is fetched after the encoder is launched: on a GPU the encoder runs meanwhile.
-    """
-    timestep = torch.full((latents_small.shape[0],), TIMESTEP, dtype=torch.float32, device=latents_small.device)
-    encoded = run("cond_encoder", {"latents_small": latents_small, "timestep": timestep})
-    sample = noise.next_pass(latents_small)
-    velocity = run("unet", {"sample": sample, **encoded})["velocity"]
-    return sample - velocity.float()
 
 
 class Upscaler:

@@ -13,7 +13,7 @@ import torch
 
 from ..models import ConditioningEncoder, VAEDecoder, VAEDecoderHead
 from ..models.components import DEFAULT_CUT, PARTS, Models, Part
-from runtime.latents import TIMESTEP
+from runtime.upscale_pass import TIMESTEP
 
 __all__ = ["COMPONENTS", "DEFAULT_CUT", "Component", "Models"]
 

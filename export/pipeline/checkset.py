@@ -43,7 +43,7 @@ from engines.files import atomic_output
 from engines.manifest import CheckSetRecord, ComponentRecord, content_key, sha256_file
 from export.onnx.components import COMPONENTS, Models
 from export.onnx.validate import TOLERANCES, Tolerance
-from runtime.latents import TIMESTEP
+from runtime.upscale_pass import TIMESTEP
 from runtime.noise import CpuNoise
 from runtime.numerics import full_fp32
 
