@@ -19,7 +19,9 @@ per-engine runtime configuration are chosen here, on purpose:
 
 Engines are also asked TensorRT-RTX's own validity question (``get_engine_validity`` on the plan's
 header) before deserialising, so a plan of another version or compute capability is refused with
-the reason instead of failing inside TensorRT-RTX.
+the reason instead of failing inside TensorRT-RTX. Without a usable driver TensorRT-RTX still makes a
+runtime but calls every plan invalid with no diagnostic: that refusal points at the driver, since a
+rebuild cannot help.
 
 TensorRT-RTX objects are held only in names the API test knows (``runtime``, ``engine``,
 ``runtime_config``, ``runtime_cache``): ``tests/test_tensorrt_api.py`` checks every name used on
@@ -44,7 +46,10 @@ def import_module():
 
 
 def plan_problem(trt, runtime, plan: bytes) -> str | None:
-    """Why TensorRT-RTX says this plan cannot run here (None when it can), from the plan's header."""
+    """Why TensorRT-RTX says this plan cannot run here (None when it can), from the plan's header: a
+    reason a rebuild for this GPU and version fixes. Where only the driver or CUDA is at fault (and
+    where TensorRT-RTX could not read the GPU at all, which it reports as invalid with no reason),
+    rebuilding cannot help, so that is raised as ``BackendUnavailable`` saying to check the driver."""
     size = runtime.engine_header_size
     if len(plan) < size:
         return f"the file is {len(plan)} bytes, shorter than an engine header ({size})"
@@ -64,7 +69,25 @@ def plan_problem(trt, runtime, plan: bytes) -> str | None:
         trt.EngineInvalidityDiagnostics.CUDA_ERROR: "a CUDA error while checking it",
     }
     found = [why for flag, why in reasons.items() if int(diagnostics) & int(flag)]
+    driver = (trt.EngineInvalidityDiagnostics.OLD_CUDA_DRIVER, trt.EngineInvalidityDiagnostics.OLD_CUDA_RUNTIME,
+              trt.EngineInvalidityDiagnostics.CUDA_ERROR)
+    if int(diagnostics) & ~sum(int(flag) for flag in driver) == 0:
+        raise _driver_problem(trt, "; ".join(found) or "it calls the engine invalid without a reason, which is "
+                             "what it does when it cannot query the GPU (its CUDA error is logged above)")
     return "; ".join(found) or f"TensorRT-RTX says invalid (diagnostics {int(diagnostics)})"
+
+
+def _driver_problem(trt, why: str) -> Exception:
+    """The refusal for an engine that the driver or CUDA, not the build, keeps from running."""
+    from importlib.metadata import packages_distributions
+
+    from . import BackendUnavailable
+
+    package = ", ".join(packages_distributions().get(trt.__name__, [])) or trt.__name__
+    return BackendUnavailable(
+        f"TensorRT-RTX {trt.__version__} cannot run its engines on this GPU: {why}; check that the NVIDIA driver "
+        f"is installed and new enough for the CUDA version this TensorRT-RTX is built for ({package}), or install "
+        "the TensorRT-RTX build for the CUDA version the driver supports (rebuilding the folder does not help)")
 
 
 def runtime_cache_file(cache_folder: Path, engine_sha256: str, gpu: dict, trt_version: str) -> Path:

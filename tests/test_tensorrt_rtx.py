@@ -9,6 +9,7 @@ needs an RTX-class GPU: ``tests/test_tensorrt_rtx_gpu.py``.
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 from pathlib import Path
 
@@ -332,3 +333,38 @@ def test_a_datacenter_target_without_tensorrt_still_finishes_with_the_reason(tmp
     record = load_manifest(out).components["cond_encoder"].engine
     assert not record.built and "TensorRT is not installed" in record.reason
     assert "engines not built (TensorRT is not installed" in printed
+
+
+def _tiny_engine(tmp_path: Path) -> Path:
+    """A one-operation engine built for real (y = 2x), for checks that need a plan but not the models."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    two = helper.make_tensor("two", TensorProto.FLOAT, [1], [2.0])
+    graph = helper.make_graph([helper.make_node("Mul", ["x", "two"], ["y"])], "tiny",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [two])
+    graph_path = tmp_path / "tiny.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), graph_path)
+    engine = tmp_path / "tiny.plan"
+    build_rtx_engine("tiny", graph_path, [Profile("tiny", {"x": (1, 4)}, {"x": (1, 4)}, {"x": (1, 4)})], (12, 0),
+                     BuildOptions(), engine, report=lambda line: None)
+    return engine
+
+
+def test_an_engine_tensorrt_rtx_cannot_check_for_want_of_a_driver_says_check_the_driver(tmp_path):
+    """Without a usable driver TensorRT-RTX still makes a runtime, logs cudaError 35 and calls every
+    engine invalid with no diagnostic bit: the refusal must point at the driver, not at a rebuild."""
+    from runtime import BackendUnavailable as Unavailable
+    from runtime.tensorrt_rtx import plan_problem
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a working CUDA driver: TensorRT-RTX can check the engine here")
+    plan = _tiny_engine(tmp_path).read_bytes()
+    runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
+    assert runtime.get_engine_validity(plan[:runtime.engine_header_size]) == (trt.EngineValidity.INVALID, 0)
+    with pytest.raises(Unavailable) as refused:
+        plan_problem(trt, runtime, plan)
+    message = str(refused.value)
+    assert "check that the NVIDIA driver is installed" in message and re.search(r"\(tensorrt_rtx_cu\d+\)", message)
+    assert "rebuilding the folder does not help" in message and "\n" not in message
