@@ -49,7 +49,8 @@ from runtime.serving.repository import (
 )
 from runtime.serving.requests import LATENTS, SCALE, SEED, UPSCALED
 from runtime.serving.server import Ports, TritonServer, http_stack_bytes
-from runtime.upscaler import BACKENDS, PIXELS_PER_LATENT, pass_inputs
+from runtime.inputs import PIXELS_PER_LATENT, pass_inputs
+from runtime.selection import BACKENDS
 
 from .latency import machine_facts, write_report
 

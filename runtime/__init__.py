@@ -15,14 +15,14 @@ from typing import TYPE_CHECKING
 from engines.lazy import lazy_exports
 
 _EXPORTS = {
-    "BackendUnavailable": "runtime.backends",
+    "BackendUnavailable": "runtime.errors",
     "FlowUpscalerError": "engines.errors",
     "ManifestError": "engines.manifest",
-    "InvalidArgumentError": "runtime.upscaler",
+    "InvalidArgumentError": "runtime.errors",
     "InvalidLatentsError": "runtime.latents",
-    "SizeOutOfRangeError": "runtime.upscaler",
+    "SizeOutOfRangeError": "runtime.errors",
     "Upscaler": "runtime.upscaler",
-    "UpscalerClosedError": "runtime.upscaler",
+    "UpscalerClosedError": "runtime.errors",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -30,9 +30,9 @@ if TYPE_CHECKING:  # what the names are, for type checkers and readers
     from engines.errors import FlowUpscalerError  # noqa: F401
     from engines.manifest import ManifestError  # noqa: F401
 
-    from .backends import BackendUnavailable  # noqa: F401
+    from .errors import BackendUnavailable, InvalidArgumentError, SizeOutOfRangeError, UpscalerClosedError  # noqa: F401
     from .latents import InvalidLatentsError  # noqa: F401
-    from .upscaler import InvalidArgumentError, SizeOutOfRangeError, Upscaler, UpscalerClosedError  # noqa: F401
+    from .upscaler import Upscaler  # noqa: F401
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

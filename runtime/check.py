@@ -19,7 +19,9 @@ from engines.cli import run_cli
 
 from .checkset import run_check_set
 from .upscale import _log_to_stderr
-from .upscaler import BACKENDS, Upscaler, resolve_device
+from .inputs import resolve_device
+from .selection import BACKENDS
+from .upscaler import Upscaler
 
 
 def build_parser() -> argparse.ArgumentParser:

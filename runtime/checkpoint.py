@@ -16,7 +16,8 @@ import torch
 from engines.manifest import ComponentRecord, EngineRecord, Manifest
 from engines.profiles import Profile
 
-from .backends import BackendUnavailable, TorchBackend
+from .backends import TorchBackend
+from .errors import BackendUnavailable
 from .latents import LATENT_CHANNELS
 
 PASS_COMPONENTS = ("cond_encoder", "unet")

@@ -41,7 +41,8 @@ from .serving.server import (
     is_loopback,
     scratch_dir,
 )
-from .upscaler import BACKENDS, InvalidArgumentError
+from .errors import InvalidArgumentError
+from .selection import BACKENDS
 
 DEVICES = ("auto", "cpu", "cuda")
 PORT = int_in_range(1, 65535)

@@ -47,6 +47,7 @@ from engines.manifest import ManifestError, load_manifest, read_manifest
 from engines.profiles import Profile, select_profile
 
 from .backends import Backend, BackendUnavailable, OwnStream, Tensors
+from .backends.registry import BackendSpec, OpenRequest, register
 from .cache import cache_dir
 
 logger = logging.getLogger(__name__)
@@ -456,3 +457,11 @@ class TensorRTBackend(Backend):
             self._engines.clear()
             self._keep_alive = None
             self._scratch = torch.empty(0, dtype=torch.uint8, device=self.device)
+
+
+def _open_engines(request: OpenRequest) -> Backend:
+    return TensorRTBackend.from_folder(request.folder, request.device)  # the folder's engines, all of them
+
+
+register(BackendSpec("tensorrt", "TensorRT 10/11 or TensorRT-RTX (the trt, trt11 or rtx extra) and a CUDA GPU; "
+                     "the folder's engines, built for this GPU", ("cuda",), _open_engines))

@@ -23,14 +23,9 @@ from engines.files import OutputPathError, atomic_output, check_output_file
 
 from .latents import read_latents
 from .tiling import rgb8
-from .upscaler import (
-    BACKENDS,
-    LATENT_FORMATS,
-    SEED_MAX,
-    Upscaler,
-    check_seed,
-    resolve_device,
-)
+from .inputs import LATENT_FORMATS, SEED_MAX, check_seed, resolve_device
+from .selection import BACKENDS
+from .upscaler import Upscaler
 
 IMAGE_SUFFIX = ".png"
 

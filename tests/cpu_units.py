@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-import runtime.upscaler as upscaler_module
+import runtime.selection as selection
 from runtime.cpu import CpuMatrixUnits
 
 WITH_BF16 = CpuMatrixUnits(amx_bf16=False, avx512_bf16=True)
@@ -13,4 +13,4 @@ WITHOUT_BF16 = CpuMatrixUnits(amx_bf16=False, avx512_bf16=False)
 
 def pretend_cpu(monkeypatch: pytest.MonkeyPatch, units: CpuMatrixUnits) -> None:
     """``auto`` on the CPU decides as it would on a CPU with ``units``."""
-    monkeypatch.setattr(upscaler_module, "cpu_matrix_units", lambda: units)
+    monkeypatch.setattr(selection, "cpu_matrix_units", lambda: units)

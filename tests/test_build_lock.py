@@ -33,7 +33,7 @@ from export.pipeline.folder import check_output_folder
 from export.pipeline.lock import LOCK_NAME, BuildLock, FolderBusyError
 from export.pipeline.settings import BuildSettings
 from runtime import Upscaler
-from runtime import upscaler as upscaler_module
+from runtime.backends import onnxruntime as onnxruntime_backend
 
 from .cpu_units import WITHOUT_BF16, pretend_cpu
 
@@ -345,7 +345,7 @@ def test_a_load_that_read_the_old_manifest_when_a_build_finished_loads_the_new_o
         small_artifacts, tmp_path, monkeypatch, backend):
     folder = tmp_path / "artifacts"
     shutil.copytree(small_artifacts, folder)
-    real = upscaler_module.OnnxRuntimeBackend
+    real = onnxruntime_backend.OnnxRuntimeBackend
     opened: list[dict] = []
 
     class BuildFinishesNow(real):  # the graphs' paths are read from the old manifest; then the build ends
@@ -355,7 +355,7 @@ def test_a_load_that_read_the_old_manifest_when_a_build_finished_loads_the_new_o
             opened.append(graphs)
             super().__init__(graphs, *args, **kwargs)
 
-    monkeypatch.setattr(upscaler_module, "OnnxRuntimeBackend", BuildFinishesNow)
+    monkeypatch.setattr(onnxruntime_backend, "OnnxRuntimeBackend", BuildFinishesNow)
     pretend_cpu(monkeypatch, WITHOUT_BF16)  # auto on the CPU's fp32 path: ONNX Runtime first
     with Upscaler.load(folder, backend=backend, device="cpu") as upscaler:
         assert upscaler.backend_name == "onnxruntime-cpu" and "onnxruntime" not in upscaler.skipped_backends

@@ -138,7 +138,8 @@ def test_the_check_set_key_ignores_the_gate_and_the_runtime_backends(repo, keys)
     """The check-set stage stores the gate's limits and the runtime's noise, not their code paths:
     editing the gate or a backend keeps the check set (a full-size one costs a minute to remake)."""
     before = keys()["export.pipeline.checkset"]
-    for edited in ("calib/accuracy.py", "calib/quantize.py", "runtime/upscaler.py", "runtime/backends.py",
+    for edited in ("calib/accuracy.py", "calib/quantize.py", "runtime/upscaler.py", "runtime/selection.py",
+                   "runtime/backends/onnxruntime.py", "runtime/backends/pytorch.py",
                    "runtime/tensorrt_backend.py", "export/pipeline/settings.py", "export/pipeline/gate.py"):
         _edit(repo / edited)
     assert keys()["export.pipeline.checkset"] == before

@@ -25,7 +25,8 @@ from safetensors.torch import save_file
 
 from runtime import Upscaler
 from runtime.comfyui.install import NODE_FOLDER, RECORD, InstallError, install, uninstall
-from runtime.upscaler import BACKENDS, SEED_MAX
+from runtime.inputs import SEED_MAX
+from runtime.selection import BACKENDS
 
 from .comfyui_standin import StandIn
 

@@ -23,7 +23,7 @@ from export.reference import upscale as reference_upscale
 from engines.targets import PRESETS
 from runtime import BackendUnavailable, Upscaler
 from runtime.checkset import run_check_set
-from runtime.upscaler import InvalidArgumentError
+from runtime import InvalidArgumentError
 
 from .cpu_units import WITH_BF16, WITHOUT_BF16, pretend_cpu
 

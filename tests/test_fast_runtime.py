@@ -23,7 +23,7 @@ from export.reference import velocity
 from runtime import Upscaler
 from runtime.noise import CpuNoise, DeviceNoise
 from runtime.numerics import full_fp32
-from runtime.upscaler import InvalidArgumentError
+from runtime import InvalidArgumentError
 
 from .conftest import SMALL_UNET
 

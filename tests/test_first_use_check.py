@@ -15,11 +15,14 @@ import pytest
 import torch
 
 import runtime.checkset as checkset
-import runtime.upscaler as upscaler_module
 from runtime import BackendUnavailable, Upscaler
+from engines.manifest import load_manifest
 from runtime.backends import OnnxRuntimeBackend
+from runtime.backends.registry import BackendSpec, registered
 from runtime.cache import CACHE_ENV, CacheLocationError, cache_dir, cache_root
 from runtime.checkset import EngineCheckFailed
+
+from .cpu_units import WITHOUT_BF16, pretend_cpu
 
 
 class CheckedEngines(OnnxRuntimeBackend):
@@ -28,7 +31,7 @@ class CheckedEngines(OnnxRuntimeBackend):
     closed = 0
 
     def __init__(self, folder: Path, identity: dict, velocity_error: float = 0.0):
-        manifest = upscaler_module.load_manifest(folder)
+        manifest = load_manifest(folder)
         super().__init__({n: folder / r.onnx_file for n, r in manifest.components.items()}, torch.device("cpu"))
         self.name, self.identity, self.velocity_error = "fake-engines", identity, velocity_error
 
@@ -72,21 +75,18 @@ def runs(monkeypatch) -> list[str]:
 
 @pytest.fixture()
 def engines(monkeypatch):
-    """``tensorrt`` opens a ``CheckedEngines`` (set ``engines.identity``/``velocity_error`` per test),
-    and ``auto`` on the CPU tries it first, as it does on a GPU."""
+    """``tensorrt`` (registered in its place for the test, running on the CPU) opens a
+    ``CheckedEngines`` (set ``engines.identity``/``velocity_error`` per test); ``auto`` tries it
+    first wherever it runs, as it does on a GPU, then the CPU's fp32 path (ONNX Runtime, torch)."""
+    pretend_cpu(monkeypatch, WITHOUT_BF16)
     settings = {"identity": IDENTITY, "velocity_error": 0.0}
-    real = upscaler_module._open_backend
 
-    def open_backend(kind, folder, manifest, device, torch_options, only=None):
-        if kind == "tensorrt":
-            return CheckedEngines(folder, settings["identity"], settings["velocity_error"])
-        return real(kind, folder, manifest, device, torch_options, only)
+    def open_engines(request):
+        return CheckedEngines(request.folder, settings["identity"], settings["velocity_error"])
 
-    monkeypatch.setattr(upscaler_module, "_open_backend", open_backend)
-    monkeypatch.setattr(upscaler_module, "_auto_order", lambda device, manifest, precision: (
-        ("tensorrt", "onnxruntime", "torch"), precision))
     CheckedEngines.closed = 0
-    return settings
+    with registered(BackendSpec("tensorrt", "the folder's graphs as engines (a test double)", ("cpu",), open_engines)):
+        yield settings
 
 
 def _files(folder: Path) -> dict[str, int]:

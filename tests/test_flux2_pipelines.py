@@ -28,7 +28,7 @@ from runtime.latents import (
     tokens_to_packed,
     unpack,
 )
-from runtime.upscaler import InvalidArgumentError
+from runtime import InvalidArgumentError
 
 from .flux2_pipelines import prompt_embeds, run, tiny_pipeline
 

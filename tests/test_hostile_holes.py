@@ -3,7 +3,7 @@ the memory refused before any work, a 2-D seed array named as such, a benchmark 
 to measure refused, and the uint8 RGB mapping of decoded images pinned by hand-computed values
 where users get it (PNG files, the served image).
 
-The memory cases fix the free memory the check sees (``runtime.upscaler.available_memory``), so
+The memory cases fix the free memory the check sees (``runtime.inputs.available_memory``), so
 they refuse the same sizes on every machine; one case reads the real figure, with a decode no
 machine holds.
 """
@@ -18,7 +18,7 @@ import torch
 
 from benchmarks import latency
 from runtime import InvalidArgumentError, SizeOutOfRangeError, Upscaler
-from runtime import upscaler as upscaler_module
+from runtime import inputs as inputs_module
 from runtime.tiling import decode_bytes, rgb8
 
 GIB = 2**30
@@ -41,7 +41,7 @@ def no_backend_work(upscaler, monkeypatch):
 
 
 def _free(monkeypatch, size: int) -> None:
-    monkeypatch.setattr(upscaler_module, "available_memory", lambda device: size)
+    monkeypatch.setattr(inputs_module, "available_memory", lambda device: size)
 
 
 # -- decode larger than the free memory ----------------------------------------------------------
@@ -76,7 +76,7 @@ def test_upscale_with_decode_is_refused_before_the_first_pass(upscaler, no_backe
 
 
 def test_a_decode_no_machine_holds_is_refused_with_the_real_free_memory(upscaler, no_backend_work):
-    free = upscaler_module.available_memory(torch.device("cpu"))
+    free = inputs_module.available_memory(torch.device("cpu"))
     assert free is not None and 0 < free  # read from /proc/meminfo (or sysconf) here
     # 200000^2 latents: a 1.6-million-pixel-wide image, ~28 TiB in fp32. The NaN scan would allocate
     # a flag per value of the expanded tensor (1.2 TiB): the size is refused before it.

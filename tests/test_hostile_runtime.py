@@ -177,16 +177,14 @@ PIL.Image.Image.save = full
 
 def test_cli_says_which_backends_auto_skipped_and_why(small_artifacts, tmp_path):
     code = PATCH_PRELUDE + """
-import runtime.upscaler as upscaler
-from runtime.backends import BackendUnavailable
-opened = upscaler._open_backend
-def without_onnxruntime(kind, *arguments):
-    if kind == "onnxruntime":
-        raise BackendUnavailable("ONNX Runtime hidden by the test")
-    return opened(kind, *arguments)
-upscaler._open_backend = without_onnxruntime
+import runtime.selection as selection
+from runtime import BackendUnavailable
+from runtime.backends.registry import BackendSpec, register
+def hidden(request):
+    raise BackendUnavailable("ONNX Runtime hidden by the test")
+register(BackendSpec("onnxruntime", "nothing: hidden by the test", ("cpu",), hidden))
 from runtime.cpu import CpuMatrixUnits
-upscaler.cpu_matrix_units = lambda: CpuMatrixUnits(False, False)  # the fp32 path: onnxruntime, then torch
+selection.cpu_matrix_units = lambda: CpuMatrixUnits(False, False)  # the fp32 path: onnxruntime, then torch
 """ + RUN_MODULE
     write_latents(tmp_path / "in.safetensors", _latents(1, 32, 8, 8))
     result = _cli(small_artifacts, "--input", tmp_path / "in.safetensors", "--output", tmp_path / "out.safetensors",
@@ -286,24 +284,20 @@ def test_bad_device_is_refused_before_the_folder_is_read(tmp_path, device, error
 
 
 def test_auto_logs_each_skipped_backend(small_artifacts, monkeypatch):
-    import runtime.upscaler as module
+    from runtime.backends.registry import BackendSpec, registered
 
-    opened = module._open_backend
-
-    def without_onnxruntime(kind, *arguments):
-        if kind == "onnxruntime":
-            raise BackendUnavailable("ONNX Runtime hidden by the test")
-        return opened(kind, *arguments)
+    def hidden(request):
+        raise BackendUnavailable("ONNX Runtime hidden by the test")
 
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append
     logger = logging.getLogger("runtime.upscaler")
     logger.addHandler(handler)
-    monkeypatch.setattr(module, "_open_backend", without_onnxruntime)
     pretend_cpu(monkeypatch, WITHOUT_BF16)  # the fp32 path: onnxruntime, then torch
     try:
-        with Upscaler.load(small_artifacts, device="cpu") as auto:
+        with registered(BackendSpec("onnxruntime", "nothing: hidden by the test", ("cpu",), hidden)), \
+                Upscaler.load(small_artifacts, device="cpu") as auto:
             assert auto.backend_name == "torch"
             assert auto.skipped_backends == {
                 "tensorrt": "the folder's engines need a CUDA GPU; this machine runs on the CPU",

@@ -107,10 +107,11 @@ def _reached(start: str) -> set[str]:
 
 
 def test_the_source_parser_sees_lazy_imports_and_relative_ones():
-    imports = dict(_imports("runtime.backends"))
+    imports = dict(_imports("runtime.backends.pytorch"))
     assert imports["export.models.weights_record"] is False  # inside TorchBackend.__init__
-    assert imports["runtime.latents"] is True and imports["engines.manifest"] is True
-    assert "runtime.tensorrt_backend" in dict(_imports("runtime.upscaler"))  # lazy, in _open_backend
+    assert imports["runtime.upscale_pass"] is True and imports["engines.manifest"] is True  # "..", then absolute
+    assert imports["runtime.backends.registry"] is True  # "."
+    assert dict(_imports("runtime.tensorrt_backend"))["runtime.tensorrt_rtx"] is False  # lazy, at the first engine
 
 
 def test_engines_imports_nothing_above_it():
@@ -134,7 +135,7 @@ def test_only_the_torch_backend_imports_export_and_only_the_model_definitions():
         names = sorted({n for n, _ in _imports(module) if _under(n, ("export",))})
         if names:
             users[module] = names
-    assert set(users) == {"runtime.backends", "runtime.checkpoint"}
+    assert set(users) == {"runtime.backends.pytorch", "runtime.checkpoint"}
     assert all(_under(n, MODEL_DEFINITIONS) for names in users.values() for n in names), users
 
 

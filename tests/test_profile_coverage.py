@@ -20,7 +20,7 @@ from export.onnx.components import COMPONENTS, Models
 from export.onnx.exporter import export_component
 from export.pipeline.profiles import derive_profiles
 from export.pipeline.settings import BuildSettings
-from runtime.upscaler import pass_inputs
+from runtime.inputs import pass_inputs
 
 PX = 8  # pixels per latent pixel
 INPUT_GRID_PX = 16

@@ -24,7 +24,8 @@ import torch
 from engines.errors import FlowUpscalerError
 from runtime.latents import LATENT_CHANNELS, PACKED_CHANNELS
 from runtime.latents import OTHER_LATENTS as OTHER_FAMILIES
-from runtime.upscaler import BACKENDS, PRECISIONS, SEED_MAX
+from runtime.inputs import SEED_MAX
+from runtime.selection import BACKENDS, PRECISIONS
 
 from . import models
 from .loaded import LOADED, FlowUpscalerModel, LoadSpec

@@ -23,7 +23,9 @@ from engines.errors import FlowUpscalerError
 from engines.manifest import load_manifest
 
 from ..latents import LATENT_CHANNELS
-from ..upscaler import MAIN_INPUTS, PIPELINE, InvalidArgumentError
+from ..errors import InvalidArgumentError
+from ..inputs import MAIN_INPUTS
+from ..upscale_pass import PASS_COMPONENTS
 from .requests import DECODE, IMAGE, LATENTS, SCALE, SEED, UPSCALED
 
 MODEL_NAME = "flow_upscaler"
@@ -87,18 +89,18 @@ class ServedModel:
 def folder_max_batch(artifacts: Path) -> int:
     """The largest batch the folder's pass components take (checks the folder on the way)."""
     manifest = load_manifest(artifacts)
-    missing = [c for c in PIPELINE if c not in manifest.components]
+    missing = [c for c in PASS_COMPONENTS if c not in manifest.components]
     if missing:
         raise InvalidArgumentError(f"{artifacts} lacks {', '.join(missing)}; rebuild with: {manifest.rebuild_command}")
-    return min(max(p.max[MAIN_INPUTS[c]][0] for p in manifest.components[c].profiles) for c in PIPELINE)
+    return min(max(p.max[MAIN_INPUTS[c]][0] for p in manifest.components[c].profiles) for c in PASS_COMPONENTS)
 
 
 def largest_request_bytes(artifacts: Path, max_batch: int) -> int:
     """Bytes of the largest latents a request the folder admits carries (binary tensors): the
     server's HTTP frontend must take a body this large."""
-    profiles = load_manifest(artifacts).components[PIPELINE[0]].profiles
-    height = max(p.max[MAIN_INPUTS[PIPELINE[0]]][2] for p in profiles)
-    width = max(p.max[MAIN_INPUTS[PIPELINE[0]]][3] for p in profiles)
+    profiles = load_manifest(artifacts).components[PASS_COMPONENTS[0]].profiles
+    height = max(p.max[MAIN_INPUTS[PASS_COMPONENTS[0]]][2] for p in profiles)
+    width = max(p.max[MAIN_INPUTS[PASS_COMPONENTS[0]]][3] for p in profiles)
     return max_batch * LATENT_CHANNELS * height * width * 4
 
 

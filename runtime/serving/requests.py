@@ -18,7 +18,10 @@ from engines.errors import FlowUpscalerError
 
 from ..latents import LATENT_CHANNELS
 from ..tiling import rgb8
-from ..upscaler import SCALES, InvalidArgumentError, Upscaler, check_seed
+from ..errors import InvalidArgumentError
+from ..inputs import check_seed
+from ..latents import SCALES
+from ..upscaler import Upscaler
 
 logger = logging.getLogger(__name__)
 
