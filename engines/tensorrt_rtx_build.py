@@ -19,7 +19,9 @@ Decided here rather than left to defaults:
 - Memory as the builder reports it: it logs "Total Activation Memory: N bytes" once per
   optimisation profile, in profile order, and "Total Weights Memory". Without a GPU the engine
   cannot be deserialised to ask it, so those lines are the figures; a count that does not match
-  the profiles is a build error, never a guess.
+  the profiles is a build error, never a guess. TensorRT keeps one logger per process, so the
+  process has one (``tensorrt_rtx_logger``) that hands each line to the build on the thread that
+  logged it: a runtime or another build in the same process does not take a build's figures.
 
 TensorRT-RTX objects are held only in names the API test knows (``builder``, ``network``,
 ``parser``, ``config``, ``optimization_profile``): ``tests/test_tensorrt_api.py`` checks every
@@ -30,9 +32,13 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 from .files import atomic_output
 from .profiles import Profile
@@ -62,43 +68,75 @@ def _compute_capability(trt, capability: tuple[int, int]):
     return values[capability]
 
 
-_BUILDER_LOGS: dict[object, object] = {}  # by TensorRT-RTX module: one per process
+_PROCESS_LOGS: dict[ModuleType, Any] = {}  # by TensorRT-RTX module: one per process
+_PROCESS_LOGS_LOCK = threading.Lock()
 
 
-def _builder_log(trt):
-    """The process's builder logger. TensorRT-RTX keeps the first logger it was given while any
-    builder lives and ignores later ones (it warns so), so one logger serves every build and each
-    build collects its lines through ``lines``, reset when the build starts."""
-    if trt in _BUILDER_LOGS:
-        log = _BUILDER_LOGS[trt]
-        log.lines, log.warned = [], set()
-        return log
+class _Listening(threading.local):
+    """The build collecting what TensorRT-RTX logs on this thread (None: nobody is)."""
 
-    class BuilderLog(trt.ILogger):
-        """Keeps the builder's messages (memory figures, errors); errors, and each distinct warning
-        once (int8 graphs repeat one per conv), also go to our log."""
+    lines: list[str] | None = None
+    warned: frozenset[str] | set[str] = frozenset()
 
+
+def tensorrt_rtx_logger(trt: ModuleType) -> Any:
+    """The one logger this process gives TensorRT-RTX (builders, parsers, runtimes alike).
+
+    TensorRT documents a single logger per process and warns that it ignores a different one given
+    later (TensorRT-RTX 1.7.1 without a GPU still hands a builder's lines to that builder's own), so
+    where a build's lines (its memory figures) go must not depend on whose object came first: every
+    object gets this logger, and each message goes to the build listening on the thread that logs it
+    (``_collecting``), so builds in several threads, or beside a runtime, each get their own lines.
+    Errors, and warnings (each distinct one once per build: int8 graphs repeat one per conv), also go
+    to our log."""
+    with _PROCESS_LOGS_LOCK:
+        if trt not in _PROCESS_LOGS:
+            _PROCESS_LOGS[trt] = _process_log(trt)
+        return _PROCESS_LOGS[trt]
+
+
+def _process_log(trt: ModuleType) -> Any:
+    class ProcessLog(trt.ILogger):
         def __init__(self):
             trt.ILogger.__init__(self)
-            self.lines: list[str] = []
-            self.warned: set[str] = set()
+            self.listening = _Listening()
 
         def log(self, severity, msg):
-            self.lines.append(msg)
+            lines = self.listening.lines
+            if lines is not None:
+                lines.append(msg)
             if severity in (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR):
                 logger.error("TensorRT-RTX: %s", msg)
-            elif severity == trt.ILogger.Severity.WARNING and msg not in self.warned:
-                self.warned.add(msg)
+            elif severity == trt.ILogger.Severity.WARNING and msg not in self.listening.warned:
+                if lines is not None:
+                    self.listening.warned.add(msg)
                 logger.warning("TensorRT-RTX: %s", msg)
 
-    _BUILDER_LOGS[trt] = BuilderLog()
-    return _BUILDER_LOGS[trt]
+    return ProcessLog()
+
+
+@contextmanager
+def _collecting(log) -> Iterator[list[str]]:
+    """The lines TensorRT-RTX logs on this thread while inside: one build's."""
+    lines: list[str] = []
+    log.listening.lines, log.listening.warned = lines, set()
+    try:
+        yield lines
+    finally:
+        log.listening.lines, log.listening.warned = None, frozenset()
 
 
 def memory_figures(lines: list[str], num_profiles: int, component: str) -> dict:
     """The builder's activation memory per profile and weights memory, from its log lines."""
     activations = [int(m.group(1)) for line in lines if (m := _ACTIVATION.search(line))]
     weights = [int(m.group(1)) for line in lines if (m := _WEIGHTS.search(line))]
+    if not activations and not weights:
+        raise EngineBuildError(
+            f"TensorRT-RTX logged no memory figures for {component} to this build ({len(lines)} lines): a logger "
+            "given to TensorRT-RTX earlier in this process may be receiving them (it keeps one per process; give "
+            "every TensorRT-RTX object engines.tensorrt_rtx_build.tensorrt_rtx_logger), or this TensorRT-RTX logs "
+            "its memory differently from the version this toolkit was written for"
+        )
     if len(activations) != num_profiles or len(weights) != 1:
         raise EngineBuildError(
             f"TensorRT-RTX reported activation memory for {len(activations)} profiles of {component} "
@@ -120,10 +158,11 @@ def build_rtx_engine(
     """Build one engine for ``compute_capability`` and write it atomically. Returns its build facts."""
     import tensorrt_rtx as trt
 
-    log = _builder_log(trt)
+    log = tensorrt_rtx_logger(trt)
     monitor = progress_monitor(trt, report)
     start = time.perf_counter()
-    with cancel_on_ctrl_c(monitor):  # the parser and builder call back into Python (log) throughout
+    # the parser and builder call back into Python (log) throughout the block
+    with _collecting(log) as lines, cancel_on_ctrl_c(monitor):
         builder = trt.Builder(log)
         network = builder.create_network(0)  # always strongly typed
         parser = trt.OnnxParser(network, log)
@@ -148,14 +187,14 @@ def build_rtx_engine(
             config.add_optimization_profile(optimization_profile)
         serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        errors = "\n".join(line for line in log.lines if "error" in line.lower())[-2000:]
+        errors = "\n".join(line for line in lines if "error" in line.lower())[-2000:]
         raise EngineBuildError(f"TensorRT-RTX could not build {component}:\n{errors or '(no error logged)'}")
-    if any(_RUNTIME_ALLOCATION in line for line in log.lines):  # the flag above should rule it out
+    if any(_RUNTIME_ALLOCATION in line for line in lines):  # the flag above should rule it out
         raise EngineBuildError(f"TensorRT-RTX built {component} with run-time tensor allocation, which the runtime "
                                "cannot give scratch memory or capture; build a smaller range (--max-px, --max-batch)")
     engine_bytes = bytes(serialized)
     seconds = time.perf_counter() - start
-    facts = memory_figures(log.lines, len(profiles), component)
+    facts = memory_figures(lines, len(profiles), component)
     with atomic_output(engine_path) as partial:
         partial.write_bytes(engine_bytes)
     return {

@@ -335,21 +335,56 @@ def test_a_datacenter_target_without_tensorrt_still_finishes_with_the_reason(tmp
     assert "engines not built (TensorRT is not installed" in printed
 
 
-def _tiny_engine(tmp_path: Path) -> Path:
-    """A one-operation engine built for real (y = 2x), for checks that need a plan but not the models."""
+def _tiny_graph(path: Path, width: int = 4) -> Path:
+    """A one-operation graph, y = 2x for x of shape [1, width]: its one weight tensor is width floats."""
     import onnx
     from onnx import TensorProto, helper
 
-    two = helper.make_tensor("two", TensorProto.FLOAT, [1], [2.0])
+    two = helper.make_tensor("two", TensorProto.FLOAT, [width], [2.0] * width)
     graph = helper.make_graph([helper.make_node("Mul", ["x", "two"], ["y"])], "tiny",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [two])
-    graph_path = tmp_path / "tiny.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), graph_path)
-    engine = tmp_path / "tiny.plan"
-    build_rtx_engine("tiny", graph_path, [Profile("tiny", {"x": (1, 4)}, {"x": (1, 4)}, {"x": (1, 4)})], (12, 0),
-                     BuildOptions(), engine, report=lambda line: None)
-    return engine
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, width])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, width])], [two])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def _tiny_build(folder: Path, width: int = 4, num_profiles: int = 1) -> tuple[Path, dict]:
+    """A tiny engine built for real, for checks that need a plan or a build but not the models."""
+    graph = _tiny_graph(folder / f"tiny{width}.onnx", width)
+    shape = {"x": (1, width)}
+    engine = folder / f"tiny{width}.plan"
+    facts = build_rtx_engine("tiny", graph, [Profile(f"tiny:{i}", shape, shape, shape) for i in range(num_profiles)],
+                             (12, 0), BuildOptions(), engine, report=lambda line: None)
+    return engine, facts
+
+
+def test_builds_beside_a_runtime_with_its_own_logger_and_beside_each_other_keep_their_memory_figures(tmp_path):
+    """TensorRT keeps one logger per process (it says it ignores another given later): a build must
+    get its own figures with a runtime made first on a logger of its own, and with a second build
+    running at the same time in another thread."""
+    import threading
+
+    runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))  # first in this test; alive through the builds
+    start, built = threading.Barrier(2), {}
+
+    def build(width: int, num_profiles: int) -> None:
+        start.wait()
+        try:
+            built[width] = _tiny_build(tmp_path, width, num_profiles)[1]
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            built[width] = exc
+
+    threads = [threading.Thread(target=build, args=(4, 1)), threading.Thread(target=build, args=(256, 2))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert runtime.engine_header_size > 0
+    for width, num_profiles in ((4, 1), (256, 2)):
+        facts = built[width]
+        assert isinstance(facts, dict), facts
+        assert len(facts["activation_bytes_per_profile"]) == num_profiles
+        assert facts["weights_bytes"] == 4 * width  # its one fp32 weight tensor, not the other build's
 
 
 def test_an_engine_tensorrt_rtx_cannot_check_for_want_of_a_driver_says_check_the_driver(tmp_path):
@@ -360,7 +395,7 @@ def test_an_engine_tensorrt_rtx_cannot_check_for_want_of_a_driver_says_check_the
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a working CUDA driver: TensorRT-RTX can check the engine here")
-    plan = _tiny_engine(tmp_path).read_bytes()
+    plan = _tiny_build(tmp_path)[0].read_bytes()
     runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
     assert runtime.get_engine_validity(plan[:runtime.engine_header_size]) == (trt.EngineValidity.INVALID, 0)
     with pytest.raises(Unavailable) as refused:
