@@ -19,8 +19,8 @@ from engines.profiles import Profile
 from .backends import TorchBackend
 from .errors import BackendUnavailable
 from .latents import LATENT_CHANNELS
+from .upscale_pass import PASS_COMPONENTS
 
-PASS_COMPONENTS = ("cond_encoder", "unet")
 MIN_SIDE, MAX_SIDE, MAX_BATCH = 2, 4096, 64  # latent pixels of a pass's input; images of 16..32768 px
 _INPUTS = {"cond_encoder": ["latents_small", "timestep"], "unet": ["sample", "cond", "lr1", "lr2", "lr3"]}
 _OUTPUTS = {"cond_encoder": ["cond", "lr1", "lr2", "lr3"], "unet": ["velocity"]}

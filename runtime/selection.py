@@ -99,7 +99,8 @@ def open_decoder(kinds: tuple[str, ...], request: OpenRequest) -> Backend:
     raise BackendUnavailable("; ".join(reasons))
 
 
-def _runs_on(kind: str, device: torch.device) -> bool:
+def runs_on(kind: str, device: torch.device) -> bool:
+    """Whether the registered backend ``kind`` runs on ``device``'s type."""
     entry = spec(kind)
     return entry is not None and device.type in entry.devices
 
@@ -109,7 +110,7 @@ def auto_order(device: torch.device, manifest: Manifest, precision: str | None) 
     order, precision = _preferred(device, manifest, precision)
     listed = set(order)
     others = tuple(n for n in backend_choices()[1:] if n not in listed)
-    return tuple(k for k in (*order, *others) if _runs_on(k, device)), precision
+    return tuple(k for k in (*order, *others) if runs_on(k, device)), precision
 
 
 def _preferred(device: torch.device, manifest: Manifest, precision: str | None) -> tuple[tuple[str, ...], str | None]:

@@ -23,6 +23,7 @@ import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,7 @@ from .checkset import verify_first_use
 from .latents import LATENT_CHANNELS, SCALES, InvalidLatentsError, LatentStats, denormalise, pack, validate_latents
 from .noise import NOISE_MODES, CpuNoise, DeviceNoise, Noise, Seeds, chain_noise_shapes
 from .progress import ProgressCallback, Steps
-from .selection import auto_order, check_load_options, open_backend, open_decoder
+from .selection import auto_order, check_load_options, open_backend, open_decoder, runs_on
 from .tiling import decode_tiled, tile_count
 from .upscale_pass import PASS_COMPONENTS, run_pass
 
@@ -160,20 +161,19 @@ class Upscaler:
         # auto never downloads weights: a folder copied without them falls back to its graphs at once
         torch_options = {"precision": precision or "fp32", "compile_mode": compile_mode, "offline": backend == "auto"}
         skipped = {}
-        if backend == "auto" and device.type != "cuda" and any(c.engine.built for c in manifest.components.values()):
+        if backend == "auto" and not runs_on("tensorrt", device) and any(c.engine.built for c in manifest.components.values()):
             # said, not warned: a CPU machine loading a folder built for a GPU is the normal case here
             skipped["tensorrt"] = "the folder's engines need a CUDA GPU; this machine runs on the CPU"
             logger.info("backend auto: skipped tensorrt on %s: %s", device, skipped["tensorrt"])
+        request = OpenRequest(folder, manifest, device, torch_options)
         for index, kind in enumerate(order):
             rest = order[index + 1:]
             try:
-                request = OpenRequest(folder, manifest, device, torch_options)
                 if kind == CPU_GRAPHS and rest and DECODER in manifest.components:
                     # auto: the pass on the CPU graphs, decoding on the path that follows, opened when first used
                     opened = DecoderElsewhere(
-                        open_backend(kind, OpenRequest(folder, manifest, device, torch_options, PASS_COMPONENTS)),
-                        lambda rest=rest: open_decoder(rest, OpenRequest(folder, manifest, device, torch_options,
-                                                                         (DECODER,))))
+                        open_backend(kind, replace(request, only=PASS_COMPONENTS)),
+                        lambda rest=rest: open_decoder(rest, replace(request, only=(DECODER,))))
                 else:
                     opened = open_backend(kind, request)
                 verify_first_use(opened, folder, manifest)  # engines that never ran here: checked once
