@@ -15,7 +15,7 @@ from .checkset import MakeCheckSet
 from .cpu_graphs import QuantizeCpuGraphs
 from .engine import BuildEngine, EngineHost, engine_flavour
 from .errors import BuildError
-from .folder import ArtifactFolder
+from .folder import ArtifactFolder, check_own_folder
 from .gate import GatePass, check_calibration_fits_engines
 from .graph import ExportGraph, GraphArtifact, toolkit_facts
 from .lock import BuildLock
@@ -47,8 +47,10 @@ def build_artifacts(models: Models, settings: BuildSettings, out: Path,
 
     One build per folder at a time (``BuildLock``): another build's hold on ``out`` is waited for,
     or with ``wait=False`` refused (``FolderBusyError``). A failed build that made ``out`` removes it.
+    A non-empty folder this toolkit did not build is refused before anything is written.
     """
     check_settings(settings)
+    check_own_folder(out)
     host = EngineHost.detect(settings.target, engine_flavour(settings.engine_flavour, settings.target))
     if settings.require_engines and host.blocker:
         raise BuildError(f"--require-engines: engines cannot be built here: {host.blocker}")
@@ -64,6 +66,7 @@ def _build_locked(models: Models, settings: BuildSettings, out: Path, log: Calla
                   host: EngineHost, digests: dict[str, str], toolkit: dict) -> Manifest:
     folder, progress = ArtifactFolder(out), StageLog(log)  # the manifest read under the lock
     folder.clean_leftovers()  # of a build that was killed
+    folder.begin()  # what the folder holds now that no manifest names stays, whatever happens next
     started = time.perf_counter()
     try:
         quantized = None
@@ -88,9 +91,12 @@ def _build_locked(models: Models, settings: BuildSettings, out: Path, log: Calla
         check_set = MakeCheckSet(models, settings, digests, folder, progress)(records)
     except BaseException:  # Ctrl-C included: the folder stays as its manifest says
         folder.clean_leftovers()
+        folder.end()
         raise
     write = WriteManifest(models, settings, host, toolkit, folder, progress)
-    return write(records, accuracy, digests, started, check_set)
+    manifest = write(records, accuracy, digests, started, check_set)
+    folder.end()  # a failure inside write leaves the record: the next build finishes the clean-up
+    return manifest
 
 
 def _record(component: str, precision: str, graph: GraphArtifact, profiles: list[Profile], estimates: list[int],
