@@ -5,6 +5,12 @@ Instead ``tests/test_tensorrt_api.py`` checks every TensorRT name our code uses 
 compiled into the real bindings (``tensorrt_bindings/tensorrt.so`` of the ``tensorrt-cuXX-bindings``
 wheels). Nothing here imitates TensorRT: the names are read from the binaries' bytes.
 
+TensorRT-RTX installs on CPU machines, so its check is exact: each name is looked up on the class
+its receiver holds (``RECEIVER_CLASSES``) or on the module along its chain (``trt.CudaGraphStrategy.X``
+on that enum), and each call's arguments are matched against the signatures pybind11 writes into the
+real methods' docstrings (``check_on_module``). The binaries' string tables carry no classes, so the
+TensorRT 10/11 check can only ask whether a name exists at all.
+
 Name lists, one per TensorRT version, are committed under ``tests/data/tensorrt_api/``; to make one:
 
     python -m tests.tensorrt_api --write WHEEL [WHEEL...]
@@ -26,6 +32,7 @@ from __future__ import annotations
 import argparse
 import ast
 import hashlib
+import inspect
 import re
 import shlex
 import sys
@@ -39,9 +46,14 @@ LISTS = Path(__file__).resolve().parent / "data" / "tensorrt_api"
 LIBRARY = "tensorrt_bindings/tensorrt.so"
 
 MODULE_ALIASES = frozenset({"trt", "tensorrt"})
-# Names reserved for TensorRT objects in the TensorRT modules (see the convention above).
-RECEIVERS = frozenset({"engine", "context", "runtime", "builder", "network", "parser", "config", "timing_cache",
-                       "optimization_profile", "runtime_config", "runtime_cache"})
+# Names reserved for TensorRT objects in the TensorRT modules (see the convention above), and the
+# class of the TensorRT module each one holds.
+RECEIVER_CLASSES = {
+    "engine": "ICudaEngine", "context": "IExecutionContext", "runtime": "Runtime", "builder": "Builder",
+    "network": "INetworkDefinition", "parser": "OnnxParser", "config": "IBuilderConfig", "timing_cache": "ITimingCache",
+    "optimization_profile": "IOptimizationProfile", "runtime_config": "IRuntimeConfig", "runtime_cache": "IRuntimeCache",
+}
+RECEIVERS = frozenset(RECEIVER_CLASSES)
 # Module attributes set by the package's Python __init__.py, not by the .so (the wheel test checks
 # that the wheel's __init__.py really assigns them). A chain stops at them: what follows is Python's.
 PYTHON_NAMES = frozenset({"__version__"})
@@ -76,6 +88,34 @@ def is_present(name: str, names: set[str]) -> bool:
     return name in names or any(s.endswith(name) for s in names)
 
 
+@dataclass(frozen=True)
+class Arguments:
+    """What a call passes: how many positional arguments, which keywords, and whether ``*``/``**`` unpacking
+    hides the rest."""
+
+    positional: int
+    keywords: tuple[str, ...]
+    unpacked: bool
+
+    def __str__(self) -> str:
+        return ", ".join(["_"] * self.positional + [f"{k}=_" for k in self.keywords] + (["*..."] if self.unpacked else []))
+
+
+@dataclass(frozen=True)
+class Access:
+    """One TensorRT chain in our sources: ``context.set_input_shape(name, shape)`` is root ``context``,
+    names ``("set_input_shape",)``, called with two positional arguments."""
+
+    where: str
+    root: str  # a module alias or a receiver name, leading underscores stripped
+    names: tuple[str, ...]
+    call: Arguments | None = None  # the arguments, when the last name is called
+    optional: bool = False  # probed with hasattr/getattr(..., default): may be absent
+
+    def text(self) -> str:
+        return ".".join((self.root, *self.names)) + (f"({self.call})" if self.call is not None else "")
+
+
 @dataclass
 class Usage:
     """TensorRT names our sources use, each with where (``file:line``)."""
@@ -83,6 +123,7 @@ class Usage:
     required: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     optional: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     problems: list[str] = field(default_factory=list)  # convention breaks the collector cannot see past
+    accesses: list[Access] = field(default_factory=list)  # every chain with its root, for the exact check
 
     def all(self) -> set[str]:
         return set(self.required) | set(self.optional)
@@ -125,7 +166,9 @@ class _Collector(ast.NodeVisitor):
     def __init__(self, where: str, tree: ast.Module):
         self.where = where
         self.uses: list[tuple[str, int, bool]] = []  # (name, line, optional)
+        self.accesses: list[Access] = []
         self.problems: list[str] = []
+        self._calls: dict[int, Arguments] = {}  # id of a called chain's node -> the call's arguments
         self.constants = {
             t.id: node.value.value
             for node in tree.body
@@ -147,9 +190,20 @@ class _Collector(ast.NodeVisitor):
         if (node.module or "").split(".")[0] == "tensorrt":
             self.problems.append(f"{self.where}:{node.lineno}: from {node.module} import ... (use import tensorrt as trt)")
 
+    def _access(self, root: str, names: list[str], node: ast.AST, call: Arguments | None = None,
+                optional: bool = False) -> None:
+        if names:
+            self.accesses.append(Access(f"{self.where}:{node.lineno}", root, tuple(names), call, optional))
+
     def visit_Attribute(self, node: ast.Attribute) -> None:
-        for name in _tensorrt_part(_chain(node))[1]:
+        chain = _chain(node)
+        tensorrt_root, names = _tensorrt_part(chain)
+        for name in names:
             self._use(name, node)
+        if tensorrt_root is not None:
+            after_root = len(chain) - next(i for i, n in enumerate(chain) if _strip(n) == tensorrt_root) - 1
+            called = self._calls.get(id(node)) if len(names) == after_root else None  # not a Python name's call
+            self._access(tensorrt_root, names, node, called)
         root = node.value
         while isinstance(root, ast.Attribute):
             root = root.value
@@ -158,22 +212,36 @@ class _Collector(ast.NodeVisitor):
     def visit_Call(self, node: ast.Call) -> None:
         probe = node.func.id if isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr") else None
         if probe and len(node.args) >= 2:
-            if _tensorrt_part(_chain(node.args[0]))[0] is not None:
+            root, names = _tensorrt_part(_chain(node.args[0]))
+            if root is not None:
                 name, optional = node.args[1], probe == "hasattr" or len(node.args) == 3
                 if isinstance(name, ast.Constant) and isinstance(name.value, str):
-                    self._use(name.value, node, optional)
+                    name = name.value
                 elif isinstance(name, ast.Name) and name.id in self.constants:
-                    self._use(self.constants[name.id], node, optional)
+                    name = self.constants[name.id]
                 else:
                     self.problems.append(f"{self.where}:{node.lineno}: {probe} on a TensorRT object with a computed name")
+                    name = None
+                if name is not None:
+                    self._use(name, node, optional)
+                    self._access(root, [*names, name], node, optional=optional)
+        self._calls[id(node.func)] = Arguments(
+            positional=sum(not isinstance(a, ast.Starred) for a in node.args),
+            keywords=tuple(k.arg for k in node.keywords if k.arg is not None),
+            unpacked=any(isinstance(a, ast.Starred) for a in node.args) or any(k.arg is None for k in node.keywords),
+        )
         self.generic_visit(node)
 
     def visit_ClassDef(self, node: ast.ClassDef) -> None:
         """TensorRT calls back the methods a subclass of its interface classes defines (phase_start...)."""
-        if any(_tensorrt_part(_chain(base))[0] in MODULE_ALIASES for base in node.bases):
+        for base in node.bases:
+            root, names = _tensorrt_part(_chain(base))
+            if root not in MODULE_ALIASES:
+                continue
             for item in node.body:
                 if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)) and not _DUNDER.match(item.name):
                     self._use(item.name, item)
+                    self._access(root, [*names, item.name], item)  # a callback the base class declares
         self.generic_visit(node)
 
 
@@ -199,6 +267,7 @@ def used_names(paths: list[Path]) -> Usage:
             if f"{where}:{line}" not in places:
                 places.append(f"{where}:{line}")
         usage.problems += collector.problems
+        usage.accesses += collector.accesses
     return usage
 
 
@@ -238,18 +307,122 @@ def tensorrt_rtx_modules() -> list[Path]:
     return sorted(rtx | linked)
 
 
-def installed_tensorrt_rtx_names() -> tuple[str, set[str]]:
-    """The installed ``tensorrt_rtx`` module's version and names: its attributes and those of every
-    class and enum it defines (methods, properties, members), read from the real module."""
-    import tensorrt_rtx
+@dataclass(frozen=True)
+class Parameter:
+    name: str
+    required: bool
+    kind: str  # "positional" (or keyword), "keyword" (only), "*" or "**"
 
-    names = set(dir(tensorrt_rtx))
-    for attr in dir(tensorrt_rtx):
-        value = getattr(tensorrt_rtx, attr)
-        if isinstance(value, type):
-            names |= set(dir(value))
-            names |= set(getattr(value, "__members__", {}))
-    return tensorrt_rtx.__version__, names
+
+# One signature line of a pybind11 docstring: ``name(self: T, a: int, b: str = 'x') -> bool``, numbered
+# ``1. name(...)`` for each overload (the first line then reads ``name(*args, **kwargs)``).
+_SIGNATURE = re.compile(r"^(?:\d+\. )?(\w+)\((.*)\) -> ", re.MULTILINE)
+
+
+def _split_top_level(text: str) -> list[str]:
+    """``a: Dict[str, int], b: int = <E.X: 0>`` -> its two parameters (commas inside brackets stay)."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        if char in "([{<":
+            depth += 1
+        elif char in ")]}>":
+            depth -= 1
+        elif char == "," and depth == 0:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    tail = text[start:].strip()
+    return parts + [tail] if tail else parts
+
+
+def _parameters(text: str) -> list[Parameter]:
+    parameters, keyword_only = [], False
+    for part in _split_top_level(text):
+        if part == "*":
+            keyword_only = True
+        elif part.startswith("**"):
+            parameters.append(Parameter(part[2:].split(":")[0], False, "**"))
+        elif part.startswith("*"):
+            parameters.append(Parameter(part[1:].split(":")[0], False, "*"))
+            keyword_only = True
+        elif part != "/":
+            name = part.split(":")[0].split("=")[0].strip()
+            parameters.append(Parameter(name, "=" not in part, "keyword" if keyword_only else "positional"))
+    return parameters
+
+
+def signatures(function: object, name: str, bound: bool = True) -> list[list[Parameter]]:
+    """The signatures of a pybind11 function or method, from its docstring (``self`` left out when
+    ``bound``: called on an instance); a Python-defined function's from ``inspect``; empty where
+    the docstring shows none."""
+    if inspect.isfunction(function):
+        kinds = {inspect.Parameter.VAR_POSITIONAL: "*", inspect.Parameter.VAR_KEYWORD: "**",
+                 inspect.Parameter.KEYWORD_ONLY: "keyword"}
+        found = [[Parameter(p.name, p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD),
+                            kinds.get(p.kind, "positional")) for p in inspect.signature(function).parameters.values()]]
+    else:
+        found = [_parameters(m.group(2)) for m in _SIGNATURE.finditer(getattr(function, "__doc__", None) or "")
+                 if m.group(1) == name and m.group(2) != "*args, **kwargs"]
+    return [ps[1:] if bound and ps and ps[0].name == "self" else ps for ps in found]
+
+
+def accepts(parameters: list[Parameter], call: Arguments) -> bool:
+    """Whether a call with these arguments binds to these parameters."""
+    if call.unpacked:
+        return True
+    positional = [p for p in parameters if p.kind == "positional"]
+    if call.positional > len(positional) and not any(p.kind == "*" for p in parameters):
+        return False
+    bound = {p.name for p in positional[:call.positional]}
+    named = {p.name for p in parameters if p.kind in ("positional", "keyword")}
+    for keyword in call.keywords:
+        if keyword in bound or (keyword not in named and not any(p.kind == "**" for p in parameters)):
+            return False
+    given = bound | set(call.keywords)
+    return all(p.name in given for p in parameters if p.required and p.kind in ("positional", "keyword"))
+
+
+def _describe_signatures(name: str, found: list[list[Parameter]]) -> str:
+    def one(parameters: list[Parameter]) -> str:
+        return ", ".join(("*" if p.kind == "*" else "**" if p.kind == "**" else "") + p.name + ("" if p.required else "=...")
+                         for p in parameters)
+
+    return " or ".join(dict.fromkeys(f"{name}({one(ps)})" for ps in found))  # overloads differ in types only
+
+
+def check_on_module(accesses: list[Access], module: object) -> list[str]:
+    """What the real module says is wrong with each access, one line each: a name its class (or the
+    module, or the enum or class named before it) lacks, exactly, or a call that fits none of the
+    callable's signatures. A chain is followed while it names classes; past a method or property
+    the type is not known, so the check stops there."""
+    problems = []
+    for access in accesses:
+        if access.root in MODULE_ALIASES:
+            owner, label = module, access.root
+        else:
+            owner = getattr(module, RECEIVER_CLASSES[access.root])
+            label = f"{access.root} ({owner.__name__})"
+        value = None  # what the whole chain names, when it could be followed to its end
+        for i, name in enumerate(access.names):
+            if not hasattr(owner, name):
+                if not access.optional:
+                    where = ".".join((label, *access.names[:i]))
+                    problems.append(f"{access.where}: {access.text()}: {where} has no {name!r}")
+                break
+            found = getattr(owner, name)
+            if i == len(access.names) - 1:
+                value = found
+            elif not isinstance(found, type):
+                break  # past a method, property or enum value the type is not known
+            owner = found
+        if access.call is None or value is None:
+            continue
+        name, constructor = access.names[-1], isinstance(value, type)
+        # On a receiver the method is bound; ``trt.ILogger.__init__(self)`` passes self itself.
+        bound = constructor or access.root in RECEIVERS
+        found = signatures(value.__init__ if constructor else value, "__init__" if constructor else name, bound)
+        if found and not any(accepts(ps, access.call) for ps in found):
+            problems.append(f"{access.where}: {access.text()}: the real one takes {_describe_signatures(name, found)}")
+    return problems
 
 
 def project_sources() -> list[Path]:

@@ -23,9 +23,9 @@ from tests.tensorrt_api import (
     ROOT,
     NameList,
     Usage,
+    check_on_module,
     committed_lists,
     describe,
-    installed_tensorrt_rtx_names,
     is_present,
     missing,
     names_in_library,
@@ -197,22 +197,53 @@ def test_collector_finds_the_code_tensorrt_rtx_runs():
 
 
 def test_installed_tensorrt_rtx_has_the_names_we_use():
-    pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx is not installed (pip install -e '.[rtx]')")
-    version, names = installed_tensorrt_rtx_names()
+    """Each name on the class its receiver holds, exactly, and each call against the real signatures."""
+    trt = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx is not installed (pip install -e '.[rtx]')")
     usage = used_names(tensorrt_rtx_modules())
-    absent = missing({**usage.required, **usage.optional}, names)
-    assert not absent, f"the installed TensorRT-RTX {version} lacks names our code uses:\n{describe(absent)}"
+    assert len([a for a in usage.accesses if a.call is not None]) >= 40  # the calls are seen, not only names
+    problems = check_on_module(usage.accesses, trt)
+    assert not problems, f"the installed TensorRT-RTX {trt.__version__} disagrees with our code:\n" + "\n".join(problems)
 
 
-def test_tensorrt_rtx_check_catches_a_wrong_name(tmp_path):
-    pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx is not installed (pip install -e '.[rtx]')")
+def test_tensorrt_rtx_check_catches_names_on_the_wrong_class_and_wrong_calls(tmp_path):
+    """Each of these names exists somewhere in TensorRT-RTX (on another class, or as the tail of a
+    real name: WHOLE_GRAPH_CAPTURE), or the method exists with other arguments."""
+    trt = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx is not installed (pip install -e '.[rtx]')")
     source = tmp_path / "snippet.py"
-    source.write_text(
-        "import tensorrt_rtx as trt\n"
-        "config.set_compute_capabilities([trt.ComputeCapability.SM120])\n"
-        "runtime_config.dynamic_shapes_kernel_specialization_strategy = "
-        "trt.DynamicShapesKernelSpecializationStrategy.EAGERLY\n"
-        "config.set_flag(trt.BuilderFlag.FP16)\n"
-    )
-    _, names = installed_tensorrt_rtx_names()
-    assert set(missing(used_names([source]).required, names)) == {"set_compute_capabilities", "EAGERLY", "FP16"}
+    lines = [
+        "import tensorrt_rtx as trt",
+        "engine.set_tensor_address('x', 0)  # wrong: an IExecutionContext method",
+        "context.get_engine_validity(plan)  # wrong: a Runtime method",
+        "runtime_config.cuda_graph_strategy = trt.CudaGraphStrategy.CAPTURE  # wrong: the tail of WHOLE_GRAPH_CAPTURE",
+        "context.set_input_shape('x')  # wrong: its shape missing",
+        "optimization_profile.set_shape('x', lo, opt, hi, extra)  # wrong: one too many",
+        "context.set_tensor_address(name='x', address=0)  # wrong: its second parameter is memory",
+        "trt.Runtime()  # wrong: the logger missing",
+        "config.set_compute_capabilities([trt.ComputeCapability.SM120])  # wrong: no such method anywhere",
+        # right, all of them:
+        "context.set_tensor_address('x', 0)",
+        "context.set_tensor_address(name='x', memory=0)",
+        "runtime.get_engine_validity(plan)",
+        "runtime_config.cuda_graph_strategy = trt.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE",
+        "optimization_profile.set_shape('x', lo, opt, hi)",
+        "trt.Runtime(trt.Logger(trt.Logger.WARNING))",
+        "context.set_input_shape(*args)",  # unpacked: not counted
+        "if hasattr(engine, 'get_device_memory_size_v9'):",  # probed: may be absent
+        "    pass",
+        "class Log(trt.ILogger):",
+        "    def __init__(self):",
+        "        trt.ILogger.__init__(self)",
+        "    def log(self, severity, msg):",
+        "        pass",
+        "    def write(self, severity, msg):  # wrong: not a method ILogger calls back",
+        "        pass",
+    ]
+    source.write_text("\n".join(lines) + "\n")
+    problems = check_on_module(used_names([source]).accesses, trt)
+    wrong = [f"{source}:{number}" for number, line in enumerate(lines, 1) if "# wrong" in line]
+    assert [p.split(": ")[0] for p in problems] == wrong, problems
+    assert "engine (ICudaEngine) has no 'set_tensor_address'" in problems[0]
+    assert "context (IExecutionContext) has no 'get_engine_validity'" in problems[1]
+    assert "trt.CudaGraphStrategy has no 'CAPTURE'" in problems[2]
+    assert problems[3].endswith("context.set_input_shape(_): the real one takes set_input_shape(name, shape)")
+    assert "trt.ILogger has no 'write'" in problems[8]
