@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from .errors import FlowUpscalerError
 from .files import atomic_output
@@ -272,6 +272,8 @@ def _shape_problem(data: object) -> str | None:
 
     if not isinstance(data, dict):
         return f"holds {kind(data)}, not a JSON object"
+    if problem := _path_problem(data):
+        return problem
     top = {"rebuild_command": (str, "a string"), "target": (dict, "an object"), "weights": (dict, "an object"),
            "build_options": (dict, "an object"), "toolkit": (dict, "an object"), "components": (dict, "an object")}
     if problem := fields(data, "", top):
@@ -349,6 +351,28 @@ def _shape_problem(data: object) -> str | None:
                 spec = {"reason": (str, "a string")}
             if problem := fields(cpu_graph, f"{where}cpu_graph.", spec):
                 return problem
+    return None
+
+
+def _path_problem(data: dict) -> str | None:
+    """A file the manifest names outside its folder (``../x.onnx``, an absolute path): the runtime
+    opens and hashes only what the folder holds."""
+    check_set = data.get("check_set")
+    named = [("check_set.file", check_set.get("file"))] if isinstance(check_set, dict) else []
+    components = data.get("components")
+    for name, component in (components.items() if isinstance(components, dict) else ()):
+        for key in ("onnx", "engine", "cpu_graph"):
+            record = component.get(key) if isinstance(component, dict) else None
+            if isinstance(record, dict):
+                named.append((f"components.{name}.{key}.file", record.get("file")))
+    for where, relative in named:
+        if not isinstance(relative, str):
+            continue  # the shape check names it
+        parts = PurePosixPath(relative).parts
+        if not relative or "\\" in relative or PurePosixPath(relative).is_absolute() or ".." in parts \
+                or (parts and ":" in parts[0]):
+            return (f"names {where} {relative!r:.80}, which is not a path inside the folder (a relative path "
+                    "with no '..', as the build writes)")
     return None
 
 

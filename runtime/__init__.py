@@ -2,7 +2,7 @@
 
 Every error it raises on purpose is a ``FlowUpscalerError`` (kinds: ``InvalidLatentsError`` and
 ``SizeOutOfRangeError``, ``InvalidArgumentError``, ``BackendUnavailable``, ``ManifestError``,
-``UpscalerClosedError``), with a message that says what to do.
+``UpscalerClosedError``, ``NonFiniteOutputError``), with a message that says what to do.
 
 The names below load on first use, so that a module of this package (``runtime.latents``, the
 latent contract the export side shares) imports without loading the backends.
@@ -18,6 +18,7 @@ _EXPORTS = {
     "BackendUnavailable": "runtime.errors",
     "FlowUpscalerError": "engines.errors",
     "ManifestError": "engines.manifest",
+    "NonFiniteOutputError": "runtime.errors",
     "InvalidArgumentError": "runtime.errors",
     "InvalidLatentsError": "runtime.latents",
     "SizeOutOfRangeError": "runtime.errors",
@@ -30,7 +31,8 @@ if TYPE_CHECKING:  # what the names are, for type checkers and readers
     from engines.errors import FlowUpscalerError  # noqa: F401
     from engines.manifest import ManifestError  # noqa: F401
 
-    from .errors import BackendUnavailable, InvalidArgumentError, SizeOutOfRangeError, UpscalerClosedError  # noqa: F401
+    from .errors import (BackendUnavailable, InvalidArgumentError, NonFiniteOutputError, SizeOutOfRangeError,  # noqa: F401
+                         UpscalerClosedError)
     from .latents import InvalidLatentsError  # noqa: F401
     from .upscaler import Upscaler  # noqa: F401
 

@@ -24,3 +24,7 @@ class InvalidArgumentError(FlowUpscalerError, ValueError):
 
 class UpscalerClosedError(FlowUpscalerError, RuntimeError):
     """An ``Upscaler`` used after ``close()`` (or after its ``with`` block)."""
+
+
+class NonFiniteOutputError(FlowUpscalerError, ArithmeticError):
+    """A backend computed NaN or Inf from latents within the accepted range: never returned as a result."""

@@ -169,7 +169,7 @@ def as_tensor(latents: object, device: torch.device) -> torch.Tensor:
                 f"numpy input is accepted on the CPU only; this upscaler runs on {device}: "
                 "pass a torch tensor on that device"
             )
-        return torch.from_numpy(latents)
+        return _from_numpy(latents)
     if not isinstance(latents, torch.Tensor):
         raise InvalidLatentsError(f"latents must be a torch.Tensor or numpy array, got {type(latents).__name__}")
     if latents.device != device:
@@ -178,6 +178,18 @@ def as_tensor(latents: object, device: torch.device) -> torch.Tensor:
         )
     # An upscaler does not backpropagate: a tensor that requires grad is read as its values.
     return latents.detach()
+
+
+def _from_numpy(latents: np.ndarray) -> torch.Tensor:
+    """A tensor of the array's values. Views torch cannot share (negative or unaligned strides, as
+    ``x[:, :, ::-1]`` makes; another byte order, as big-endian files load) are copied first."""
+    if latents.dtype.kind not in "fiub":
+        raise InvalidLatentsError(f"latents must be a floating-point array, got numpy dtype {latents.dtype}")
+    if not latents.dtype.isnative:
+        latents = latents.astype(latents.dtype.newbyteorder("="))
+    if any(stride < 0 or stride % latents.itemsize for stride in latents.strides):
+        latents = np.ascontiguousarray(latents)
+    return torch.from_numpy(latents)
 
 
 def require_batch(x: torch.Tensor) -> None:
@@ -216,7 +228,7 @@ def unpacked(latents: object, latent_format: str, device: torch.device,
         )
     elif latent_format == "flux2_vae":
         folder_stats = stats()
-        validate_latents(x)  # before the normalisation, which needs the shape and hides a non-float dtype
+        validate_latents(x, limit=None)  # raw: the bound holds for the normalised values, checked after
         x = normalise(x.float(), folder_stats)
     return x
 

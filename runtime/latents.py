@@ -12,6 +12,7 @@ it lives on the runtime side, which must not import ``export``. The noise conven
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,12 @@ SCALES = (2, 4, 8)
 PIXELS_PER_PATCH = 16  # image pixels per packed latent pixel (the VAE's 8, then 2x2 patches)
 # Latents of other model families, by channel count, for the messages that refuse them.
 OTHER_LATENTS = {4: "SD 1.x/2.x/SDXL", 16: "FLUX.1, SD3 or Wan", 64: "Hunyuan", 12: "Cosmos"}
+# The largest |value| a normalised latent may hold. Normalised FLUX.2 latents have unit variance per
+# channel (the VAE's BN statistics), so what a VAE makes of any image stays within tens; 1000 is far
+# beyond that and still far inside what every compute dtype holds (fp16 up to 65504), where values
+# near the dtype's limit overflow in the networks' normalisations and come back NaN or finite
+# nonsense, on every backend.
+LATENT_LIMIT = 1000.0
 
 
 class InvalidLatentsError(FlowUpscalerError, ValueError):
@@ -165,8 +172,10 @@ def describe_shape(x: torch.Tensor) -> str:
     return f"shape {tuple(x.shape)}"
 
 
-def validate_latents(latents: torch.Tensor, name: str = "latents", grid: int = 2) -> None:
-    """Refuse anything but a finite float [B, 32, h, w] tensor with h, w multiples of ``grid``."""
+def validate_latents(latents: torch.Tensor, name: str = "latents", grid: int = 2,
+                     limit: float | None = LATENT_LIMIT) -> None:
+    """Refuse anything but a finite float [B, 32, h, w] tensor with h, w multiples of ``grid`` and
+    values within +-``limit`` (``LATENT_LIMIT``; None: finite is enough, for raw VAE latents)."""
     if not isinstance(latents, torch.Tensor):
         raise InvalidLatentsError(f"{name} must be a torch.Tensor, got {type(latents).__name__}")
     if latents.dim() != 4:
@@ -184,8 +193,15 @@ def validate_latents(latents: torch.Tensor, name: str = "latents", grid: int = 2
         )
     if not latents.is_floating_point():
         raise InvalidLatentsError(f"{name} must be a floating-point tensor, got {latents.dtype}")
-    if not torch.isfinite(latents).all():
+    low, high = (float(v) for v in torch.aminmax(latents))  # NaN in any value makes both NaN
+    if not (math.isfinite(low) and math.isfinite(high)):
         raise InvalidLatentsError(f"{name} contains NaN or Inf values")
+    if limit is not None and max(-low, high) > limit:
+        raise InvalidLatentsError(
+            f"{name} hold values up to {max(-low, high):.4g} in magnitude; normalised FLUX.2 latents have unit "
+            f"variance and are accepted within +-{limit:g} (runtime.latents.LATENT_LIMIT). Pass latents the "
+            "VAE made, normalised (latent_format='flux2'), or raw VAE latents as latent_format='flux2_vae'"
+        )
 
 
 def read_latents(path: str | Path) -> torch.Tensor:

@@ -36,7 +36,7 @@ from . import inputs
 from .backends import COMPILE_MODES, TORCH_PRECISIONS, Backend, DecoderElsewhere
 from .backends.onnxruntime import CPU_GRAPHS
 from .backends.registry import OpenRequest
-from .errors import BackendUnavailable, InvalidArgumentError, UpscalerClosedError
+from .errors import BackendUnavailable, InvalidArgumentError, NonFiniteOutputError, UpscalerClosedError
 from .inputs import DECODER, MAIN_INPUTS, PIXELS_PER_LATENT, check_seeds, resolve_device
 from .checkset import verify_first_use
 from .latents import LATENT_CHANNELS, SCALES, InvalidLatentsError, LatentStats, denormalise, pack, validate_latents
@@ -314,6 +314,8 @@ class Upscaler:
         self._require_open()
         if isinstance(scale, bool) or scale not in SCALES:
             raise InvalidLatentsError(f"scale must be one of {SCALES}, got {scale!r}")
+        if not isinstance(decode, (bool, np.bool_)):  # "no" would decode: a flag is True or False
+            raise InvalidArgumentError(f"decode must be True or False, got {type(decode).__name__} {decode!r:.40}")
         x = self._unpacked(latents, latent_format)
         inputs.require_batch(x)
         validate_latents(x)
@@ -340,6 +342,18 @@ class Upscaler:
         if fused is not None:
             return fused(latents_small, noise.next_pass(latents_small))
         return run_pass(self.backend.run, latents_small, noise)
+
+    def _require_finite(self, out: torch.Tensor, what: str, seeds: Seeds | None = None) -> None:
+        """Never hand back NaN or Inf: the input passed every check, so a non-finite result is the
+        backend's (an engine's overflow, a broken build), and the caller must hear it."""
+        if bool(torch.isfinite(out).all()):
+            return
+        seed = "" if seeds is None else f", seed {seeds}"
+        raise NonFiniteOutputError(
+            f"the {self.backend_name} backend returned NaN or Inf in the {what} (shape {tuple(out.shape)}{seed}) "
+            f"for latents within the accepted range; check the folder with `python -m runtime.check {self.folder}`, "
+            "or load it with backend='torch'"
+        )
 
     def decode_tiles(self, height: int, width: int) -> int:
         """How many tiles the decode of [B, 32, height, width] latents runs (the progress steps it reports)."""
@@ -392,6 +406,7 @@ class Upscaler:
                 x = self._pass(x, source)
                 steps.advance()
             out = self._decode(x, steps) if decode else x
+            self._require_finite(out, "decoded images" if decode else f"{scale}x upscaled latents", seeds)
             _hand_over(out, caller)
         if not decode and latent_format == "flux2_packed":
             out = pack(out)
@@ -417,6 +432,7 @@ class Upscaler:
             self._require_open()  # closed by another thread while this call waited
             _used_here(x, caller)
             images = self._decode(x, Steps(progress, self.decode_tiles(x.shape[2], x.shape[3])))
+            self._require_finite(images, "decoded images")
             _hand_over(images, caller)
         return images.numpy() if isinstance(latents, np.ndarray) else images
 

@@ -21,7 +21,7 @@ from export.pipeline.errors import BuildError
 from export.pipeline.settings import BuildSettings
 from export.reference import upscale as reference_upscale
 from engines.targets import PRESETS
-from runtime import BackendUnavailable, Upscaler
+from runtime import BackendUnavailable, ManifestError, Upscaler
 from runtime.checkset import run_check_set
 from runtime import InvalidArgumentError
 
@@ -145,6 +145,23 @@ def test_a_changed_cpu_graph_is_refused_and_auto_runs_its_next_path(folder, tmp_
     with Upscaler.load(copy, device="cpu") as auto:
         assert auto.backend_name == "torch-bf16"
         assert "does not match the manifest" in auto.skipped_backends["onnxruntime-cpu-int8"]
+
+
+def test_swapped_cpu_graph_records_are_a_manifest_error_not_onnx_runtimes(folder, tmp_path, monkeypatch):
+    """Each record names the other component's graph; the hashes still match the files."""
+    copy = tmp_path / "art"
+    shutil.copytree(folder, copy)
+    document = json.loads((copy / MANIFEST_NAME).read_text())
+    components = document["components"]
+    components["unet"]["cpu_graph"], components["cond_encoder"]["cpu_graph"] = (
+        components["cond_encoder"]["cpu_graph"], components["unet"]["cpu_graph"])
+    (copy / MANIFEST_NAME).write_text(json.dumps(document))
+    with pytest.raises(ManifestError, match=r"the CPU graph the manifest names for (cond_encoder|unet) takes .* "
+                                            r"the manifest names another component's graph; rebuild with"):
+        Upscaler.load(copy, backend="onnxruntime", precision="int8", device="cpu")
+    pretend_cpu(monkeypatch, INT8_ONLY)  # auto would run them: it must not fall past a broken folder either
+    with pytest.raises(ManifestError, match="another component's graph"):
+        Upscaler.load(copy, device="cpu")
 
 
 def test_the_check_set_holds_the_cpu_graphs_to_int8_component_and_bf16_pass_limits(folder, monkeypatch):

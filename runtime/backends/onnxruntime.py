@@ -12,7 +12,7 @@ from typing import ContextManager
 import numpy as np
 import torch
 
-from engines.manifest import CPU_INT8, ComponentRecord, ManifestError, cpu_graphs
+from engines.manifest import CPU_INT8, ComponentRecord, Manifest, ManifestError, cpu_graphs
 from engines.requirements import onnxruntime_missing
 
 from ..cache import cache_dir
@@ -207,6 +207,20 @@ class OnnxRuntimeBackend(Backend):
         if required:
             raise BackendUnavailable(self._unavailable[required[0]])
 
+    def require_io(self, manifest: Manifest) -> None:
+        """Refuse a graph whose inputs or outputs are not its component's (a hand-edited manifest
+        that names another component's file, its hash still matching) before it runs."""
+        for name, session in self._sessions.items():
+            record = manifest.components[name]
+            found = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
+            if (sorted(found[0]), sorted(found[1])) != (sorted(record.inputs), sorted(record.outputs)):
+                what = "CPU graph" if name in self._variant else "ONNX graph"
+                raise ManifestError(
+                    f"the {what} the manifest names for {name} takes {found[0]} and gives {found[1]}, but {name} "
+                    f"takes {record.inputs} and gives {record.outputs}: the manifest names another component's "
+                    f"graph; rebuild with: {manifest.rebuild_command}"
+                )
+
     def check(self, component: str) -> None:
         if component in self._unavailable:
             raise BackendUnavailable(self._unavailable[component])
@@ -262,9 +276,19 @@ def _graphs(request: OpenRequest) -> dict[str, Path]:
             if request.only is None or name in request.only}
 
 
+def _checked(backend: OnnxRuntimeBackend, request: OpenRequest) -> Backend:
+    """``backend`` once its graphs are the manifest's components' (``require_io``); closed if not."""
+    try:
+        backend.require_io(request.manifest)
+    except ManifestError:
+        backend.close()
+        raise
+    return backend
+
+
 def _open_graphs(request: OpenRequest) -> Backend:
-    return OnnxRuntimeBackend(_graphs(request), request.device,
-                              provider="cpu" if request.device.type == "cpu" else "cuda")
+    return _checked(OnnxRuntimeBackend(_graphs(request), request.device,
+                                       provider="cpu" if request.device.type == "cpu" else "cuda"), request)
 
 
 def _open_cpu_graphs(request: OpenRequest) -> Backend:
@@ -278,7 +302,8 @@ def _open_cpu_graphs(request: OpenRequest) -> Backend:
     if not cpu_matrix_units().int8_dot:
         logger.warning("the folder's CPU graphs on a CPU without int8 dot products (VNNI/AMX-INT8): ONNX Runtime's "
                        "int8 kernels multiply in 16-bit pairs here, which can saturate; auto would not run them")
-    return OnnxRuntimeBackend(graphs, request.device, provider="cpu", variant=CPU_INT8, variant_components=PASS_COMPONENTS)
+    return _checked(OnnxRuntimeBackend(graphs, request.device, provider="cpu", variant=CPU_INT8,
+                                       variant_components=PASS_COMPONENTS), request)
 
 
 def _open_with_tensorrt(request: OpenRequest) -> Backend:
@@ -291,7 +316,7 @@ def _open_with_tensorrt(request: OpenRequest) -> Backend:
     except OSError as exc:
         raise BackendUnavailable(f"the ONNX Runtime TensorRT provider needs a writable engine cache: {exc}") from exc
     options = {n: tensorrt_provider_options(r, cache, device.index or 0) for n, r in request.manifest.components.items()}
-    return OnnxRuntimeBackend(_graphs(request), device, provider="tensorrt", provider_options=options)
+    return _checked(OnnxRuntimeBackend(_graphs(request), device, provider="tensorrt", provider_options=options), request)
 
 
 register(BackendSpec("onnxruntime", "onnxruntime (the cpu extra) or onnxruntime-gpu for CUDA; the folder's graphs",
