@@ -223,9 +223,12 @@ def test_leftovers_of_a_killed_build_in_checks_are_deleted(small_artifacts, tmp_
     folder = _copy(small_artifacts, tmp_path)
     named = folder / read_manifest(folder).check_set.file
     stray = [folder / "checks" / "checkset.0123456789abcdef.safetensors", folder / "checks" / "x.safetensors.partial"]
-    for path in stray:
-        path.write_bytes(b"left by a killed build")
     user_file = folder / "checks" / "notes.txt"  # not a kind of file the build writes: left alone
     user_file.write_text("mine")
-    ArtifactFolder(folder).clean_leftovers()
-    assert named.is_file() and user_file.is_file() and not any(p.exists() for p in stray)
+    users_own = folder / "checks" / "mine.safetensors"  # named like the build's, there before it: kept
+    users_own.write_bytes(b"the user's")
+    ArtifactFolder(folder).begin()  # what a build records under its lock before any stage writes
+    for path in stray:  # then it is killed after writing these
+        path.write_bytes(b"left by a killed build")
+    ArtifactFolder(folder).clean_leftovers()  # the next build
+    assert named.is_file() and user_file.is_file() and users_own.is_file() and not any(p.exists() for p in stray)
