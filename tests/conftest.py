@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -55,11 +56,20 @@ def small_artifacts(small_models, tmp_path_factory) -> Path:
 
     Shared by the runtime and benchmark tests, which only read it (a build takes most of a minute).
     """
-    out = tmp_path_factory.mktemp("small_artifacts")
-    random = {"source": "random", "seed": 0}
-    settings = BuildSettings(
-        target=PRESETS["rtx4090"].with_range(64, 512), precision="fp16", vae_precision="fp32",
-        weights={"unet": random, "vae": random},
-    )
-    build_artifacts(small_models, settings, out, log=lambda line: None)
+    from filelock import FileLock
+
+    # Under pytest-xdist every worker has its own temporary folder below one shared by the run: the
+    # folder is built there once, by the first worker that needs it, and read by all.
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    out = shared / "small_artifacts"
+    with FileLock(str(shared / "small_artifacts.lock")):
+        if not (out / "manifest.json").is_file():
+            random = {"source": "random", "seed": 0}
+            settings = BuildSettings(
+                target=PRESETS["rtx4090"].with_range(64, 512), precision="fp16", vae_precision="fp32",
+                weights={"unet": random, "vae": random},
+            )
+            build_artifacts(small_models, settings, out, log=lambda line: None)
     return out
