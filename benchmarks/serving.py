@@ -7,9 +7,9 @@ and latents/s over the wall time of the timed requests (first start to last answ
 latency in ms over the successful requests of all clients, and the errors (a failed request or
 an answer of the wrong shape is counted, the run goes on).
 
-The server is either started here from ``--artifacts`` on free loopback ports (the time from start
-to ready is reported; it is stopped at the end, also on errors and Ctrl-C), or a running one
-(``--url``). Before measuring, one request goes through it as ``runtime.serve``'s ready check: a
+The server is either started here from ``--artifacts`` on free loopback ports, as ``runtime.serve``
+starts it (``runtime.serving.supervisor.Service``, not restarted if it dies; the time from start to
+ready is reported; it is stopped at the end, also on errors and Ctrl-C), or a running one (``--url``). Before measuring, one request goes through it as ``runtime.serve``'s ready check: a
 server started here must answer it equal to ``Upscaler`` on the same folder and backend, a running
 one with a finite ``upscaled`` tensor of the right type and shape; else the run stops with what
 came back. The clients run on the same machine as a server started here and share its cores.
@@ -23,7 +23,6 @@ import itertools
 import os
 import shlex
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -40,15 +39,10 @@ from engines.profiles import admitting_profile
 from runtime.latents import LATENT_CHANNELS, SCALES
 from runtime.serve import DEVICES
 from runtime.serving.ready import ReadyCheck
-from runtime.serving.repository import (
-    MODEL_NAME,
-    ServedModel,
-    folder_max_batch,
-    largest_request_bytes,
-    write_repository,
-)
+from runtime.serving.repository import MODEL_NAME, ServedModel, folder_max_batch
 from runtime.serving.requests import LATENTS, SCALE, SEED, UPSCALED
-from runtime.serving.server import Ports, TritonServer, http_stack_bytes
+from runtime.serving.server import Ports
+from runtime.serving.supervisor import Service
 from runtime.inputs import PIXELS_PER_LATENT, pass_inputs
 from runtime.selection import BACKENDS
 
@@ -305,22 +299,16 @@ def run_benchmark(args: argparse.Namespace, log=print) -> dict:
         check = ReadyCheck.against_upscaler(model)
         log(f"starting Triton with {model.artifacts} (backend {model.backend}, {'GPU' if model.gpu else 'CPU'}, "
             f"{model.instances} instance(s), max batch {model.max_batch}, max queue delay {model.max_queue_delay_us} us)...")
-        with tempfile.TemporaryDirectory(prefix="flow-upscaler-bench-repository-") as scratch:
-            stack = http_stack_bytes(largest_request_bytes(model.artifacts, model.max_batch))
-            triton = TritonServer(write_repository(Path(scratch), model).parent, "127.0.0.1", Ports.free(), echo=echo,
-                                  stack_bytes=stack)
-            try:
-                begin = time.perf_counter()
-                triton.start()
-                triton.wait_ready(args.ready_timeout)
-                startup_s = time.perf_counter() - begin
-                log(f"ready in {startup_s:.1f} s at {triton.url}")
-                url = triton.address
-                _ready_check(check, url, args.request_timeout_s, log)
-                server = {**server_facts(url, args.request_timeout_s), "url": url, "backend_resolved": resolved.get("backend")}
-                rows = run_rows(args, url, side, log)
-            finally:
-                triton.stop()
+        service = Service(model, check, "127.0.0.1", Ports.free(), ready_timeout_s=args.ready_timeout, echo=echo)
+        try:
+            startup_s = service.start()
+            url = service.server.address
+            log(f"ready in {startup_s:.1f} s at {service.server.url}")
+            log(f"checked: {check.describe()}")
+            server = {**server_facts(url, args.request_timeout_s), "url": url, "backend_resolved": resolved.get("backend")}
+            rows = run_rows(args, url, side, log)
+        finally:
+            service.stop()
     facts = machine_facts(torch.device("cuda" if server["device"] == "cuda" and torch.cuda.is_available() else "cpu"))
     facts["cpu_count"] = os.cpu_count()
     return {

@@ -6,15 +6,17 @@ Everything that can be refused is refused before the server starts (folder, port
 The server is ready only once every model instance loaded the folder and ran one warm-up pass, and
 one real request through it came back equal to ``Upscaler``'s answer (``serving.ready``). SIGTERM
 or SIGINT stops it: Triton finishes in-flight requests (within ``--exit-timeout``), then the
-command exits 0. A server that fails, crashes or answers wrongly is stopped, and the command exits 1
-saying why.
+command exits 0. A first start that fails or answers wrongly is stopped, and the command exits 1
+saying why. A server that dies while serving is restarted on the same ports and checked again
+(``serving.supervisor``); after ``--max-crashes`` deaths within ``--crash-window`` the command
+exits 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import re
-import shutil
 import signal
 import sys
 import time
@@ -23,24 +25,17 @@ from pathlib import Path
 from engines.cli import int_in_range, run_cli
 
 from .noise import NOISE_MODES
-from .serving.repository import (
-    MODEL_NAME,
-    ServedModel,
-    largest_request_bytes,
-    write_repository,
-)
+from .serving.repository import MODEL_NAME, ServedModel, write_repository
 from .serving.ready import ReadyCheck
 from .serving.server import (
     EXIT_TIMEOUT_S,
     Ports,
-    ServeError,
-    TritonServer,
     check_ports_free,
     http_body_limit,
-    http_stack_bytes,
     is_loopback,
-    scratch_dir,
 )
+from .serving.supervisor import FIRST_DELAY_S, MAX_DELAY_S, RestartPolicy, Service
+from .serving.supervisor import logger as supervisor_logger
 from .errors import InvalidArgumentError
 from .selection import BACKENDS
 
@@ -93,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--exit-timeout", type=int_in_range(0, 3600), default=EXIT_TIMEOUT_S,
                         help="seconds Triton waits on SIGTERM for clients' connections and in-flight requests "
                         f"(default: {EXIT_TIMEOUT_S}; raise it for long requests)")
+    parser.add_argument("--max-crashes", type=int_in_range(1, 1000), default=RestartPolicy.max_crashes,
+                        help="give up (exit 1) when Triton dies this many times within --crash-window; each earlier "
+                        f"death is restarted after a back-off of {FIRST_DELAY_S:g} s doubling per recent crash up to "
+                        f"{MAX_DELAY_S:g} s (default: {RestartPolicy.max_crashes}; 1: never restart)")
+    parser.add_argument("--crash-window", type=int_in_range(1, 86_400), default=int(RestartPolicy.window_s),
+                        metavar="SECONDS", help="the window --max-crashes counts in, seconds (default: "
+                        f"{RestartPolicy.window_s:g})")
     parser.add_argument("--verbose", action="store_true", help="print Triton's whole log (default: only this model's lines)")
     parser.add_argument(
         "--write-repository", type=Path, metavar="DIR",
@@ -121,9 +123,11 @@ def _raise_stop(signum: int, frame: object) -> None:
     raise _StopRequested(signal.Signals(signum).name)
 
 
-def serve(model: ServedModel, host: str, ports: Ports, ready_timeout: float, exit_timeout: int, verbose: bool) -> int:
-    """Serve until SIGTERM/SIGINT (exit 0) or until the server fails, crashes or answers the ready
-    check wrongly (``ServeError``; the server is stopped)."""
+def serve(model: ServedModel, host: str, ports: Ports, ready_timeout: float, exit_timeout: int, verbose: bool,
+          policy: RestartPolicy = RestartPolicy()) -> int:
+    """Serve until SIGTERM/SIGINT (exit 0), restarting Triton when it dies (``Service.watch``);
+    raises ``ServeError`` if the first start fails or answers the ready check wrongly, and
+    ``CrashLoop`` once the restarts give up (the server is stopped either way)."""
     kind = "GPU" if model.gpu else "CPU"
     if not is_loopback(host):
         print(f"warning: --host {host} lets other machines reach the server, and the bundled Triton 2.51 dies on HTTP "
@@ -133,50 +137,45 @@ def serve(model: ServedModel, host: str, ports: Ports, ready_timeout: float, exi
     print(f"{MODEL_NAME}: serving {model.artifacts} with backend {model.backend} on {kind} ({model.instances} "
           f"instance(s), max batch {model.max_batch}); computing the ready check's answer...", flush=True)
     check = ReadyCheck.against_upscaler(model)  # before Triton: never two copies of the folder on a GPU
-    stack = http_stack_bytes(largest_request_bytes(model.artifacts, model.max_batch))
-    print(f"starting Triton (HTTP request bodies up to {http_body_limit(stack) / 1e6:.0f} MB: a larger one crashes "
-          "Triton 2.51; gRPC takes any)...", flush=True)
-    scratch = scratch_dir("repository")
-    try:
-        repository = write_repository(scratch, model).parent
-    except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise
-    server = TritonServer(repository, host, ports, echo=_Echo(verbose), exit_timeout_s=exit_timeout, stack_bytes=stack)
+    service = Service(model, check, host, ports, ready_timeout_s=ready_timeout, exit_timeout_s=exit_timeout,
+                      echo=_Echo(verbose), policy=policy)
+    print(f"starting Triton (HTTP request bodies up to {http_body_limit(service.stack_bytes) / 1e6:.0f} MB: a larger "
+          f"one crashes Triton 2.51; gRPC takes any; restarted when it dies, giving up after {policy.max_crashes} "
+          f"death(s) within {policy.window_s:g} s)...", flush=True)
     signals = (signal.SIGTERM, signal.SIGINT)
     previous = {number: signal.signal(number, _raise_stop) for number in signals}
+    printing = _print_supervisor()
     stopped_by = None
     try:
-        server.start()
-        server.wait_ready(ready_timeout)
-        try:
-            check.run(server.address, ready_timeout)
-        except ServeError as exc:
-            raise ServeError(f"stopped the started server: {exc}") from None
-        seconds = time.monotonic() - server.started
-        print(f"ready in {seconds:.1f} s ({check.describe()}): HTTP {server.url}/v2/models/{MODEL_NAME}, gRPC "
+        seconds = service.start()
+        print(f"ready in {seconds:.1f} s ({check.describe()}): HTTP {service.server.url}/v2/models/{MODEL_NAME}, gRPC "
               f"{host}:{ports.grpc}, metrics http://{host}:{ports.metrics}/metrics (SIGTERM or Ctrl-C stops)", flush=True)
-        while server.process.poll() is None:
-            time.sleep(0.5)
-        server.wait_log()
-        raise ServeError(f"the Triton server stopped while serving: {server.failure()}")
+        service.watch()
     except _StopRequested as stop:
         stopped_by = str(stop)
         print(f"stopping ({stopped_by}): Triton finishes in-flight requests, up to {exit_timeout} s "
               "(a second signal kills it now)...", flush=True)
     finally:
         for number in signals:  # a second signal while stopping: kill now, still clean up
-            signal.signal(number, lambda *_: server.kill())
+            signal.signal(number, lambda *_: service.kill())
         start = time.monotonic()
         try:
-            code = server.stop()
+            code = service.stop()
         finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+            supervisor_logger.removeHandler(printing)
             for number, handler in previous.items():
                 signal.signal(number, handler)
     note = " (its exit timeout expired: clients kept connections open or requests ran long)" if code == 1 else ""
     print(f"stopped in {time.monotonic() - start:.1f} s, Triton exit code {code}{note}", flush=True)
     return 0
+
+
+def _print_supervisor() -> logging.Handler:
+    """Print the supervisor's log (crashes, restarts) as the command's own lines."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    supervisor_logger.addHandler(handler)
+    return handler
 
 
 class _Echo:
@@ -205,7 +204,8 @@ def serve_command(argv: list[str] | None = None) -> int:
               f"--model-repository {folder.parent.resolve()}")
         return 0
     ports = Ports(args.http_port, args.grpc_port, args.metrics_port)
-    return serve(model, args.host, ports, args.ready_timeout, args.exit_timeout, args.verbose)
+    policy = RestartPolicy(max_crashes=args.max_crashes, window_s=args.crash_window)
+    return serve(model, args.host, ports, args.ready_timeout, args.exit_timeout, args.verbose, policy)
 
 
 def main(argv: list[str] | None = None) -> int:

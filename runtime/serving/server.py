@@ -272,7 +272,8 @@ def _child_setup(stack: tuple[int, int]) -> Callable[[], None]:
 
 
 class TritonServer:
-    """The bundled ``tritonserver`` on one model repository, on ``host`` and ``ports``."""
+    """The bundled ``tritonserver`` on one model repository, on ``host`` and ``ports``. ``start`` may
+    be called again after the server stopped (``stop``): a new process on the same ports."""
 
     def __init__(
         self,
@@ -322,6 +323,7 @@ class TritonServer:
         check_ports_free(self.host, self.ports)
         self._bundle = BundledTriton.find()
         self._workspace = scratch_dir("triton")
+        self._tail.clear()
         try:
             env = self.environment(self._workspace)
             command = self.command(self._bundle.backend_directory(self._workspace))

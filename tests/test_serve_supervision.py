@@ -1,0 +1,126 @@
+"""``python -m runtime.serve`` keeps the bundled Triton up.
+
+Triton 2.51 aborts (std::bad_alloc, SIGABRT) on one ~250-byte HTTP/JSON request declaring a
+latents tensor of [1, 128, 100000, 100000]: its JSON parser allocates the declared size. The
+command restarts it and gives up after --max-crashes within --crash-window. The real bundled
+Triton runs here, started as a service starts it (``service_environment``).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pytriton", reason="serving needs the serve extra: pip install -e '.[serve]'")
+httpclient = pytest.importorskip("tritonclient.http", reason="the serving tests' client is tritonclient (serve extra)")
+
+from runtime.serve import main
+from runtime.serving.repository import MODEL_NAME
+from runtime.serving.server import Ports
+from runtime.serving.supervisor import CrashWindow, RestartPolicy
+from tests.test_serving_hostile import _end, _inputs, _Output, _stubs_of, _triton_of
+from tests.test_serving_service import service_environment
+
+ROOT = Path(__file__).resolve().parents[1]
+READY_S = 120
+CRAFTED = json.dumps({"inputs": [
+    {"name": "latents", "shape": [1, 128, 100000, 100000], "datatype": "FP32", "data": [0]},
+    {"name": "scale", "shape": [1, 1], "datatype": "INT32", "data": [2]},
+    {"name": "seed", "shape": [1, 1], "datatype": "INT64", "data": [0]},
+]}).encode()
+
+
+def _serve(folder: Path, ports: Ports, *extra: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "runtime.serve", str(folder), "--backend", "onnxruntime",
+               "--http-port", str(ports.http), "--grpc-port", str(ports.grpc), "--metrics-port", str(ports.metrics), *extra]
+    return subprocess.Popen(command, cwd=ROOT, env=service_environment(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _send_crafted(port: int) -> str:
+    """POST the crafted JSON request; what came back (a crash gives no answer)."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/{MODEL_NAME}/infer", data=CRAFTED,
+                                     method="POST", headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return f"HTTP {response.status}"
+    except urllib.error.HTTPError as exc:
+        return f"HTTP {exc.code}"
+    except (urllib.error.URLError, OSError) as exc:
+        return f"no answer ({exc})"
+
+
+def _normal_request(port: int) -> np.ndarray:
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{port}")
+    try:
+        return client.infer(MODEL_NAME, _inputs()).as_numpy("upscaled")
+    finally:
+        client.close()
+
+
+def test_the_back_off_doubles_to_its_cap_and_the_window_forgets_old_crashes():
+    policy = RestartPolicy(max_crashes=3, window_s=10, first_delay_s=1, max_delay_s=30)
+    assert [policy.delay_s(n) for n in (1, 2, 3, 4, 5, 6, 40)] == [1, 2, 4, 8, 16, 30, 30]
+    now = [0.0]
+    window = CrashWindow(policy, clock=lambda: now[0])
+    counts = []
+    for t in (0, 4, 11, 15, 16):  # 0 falls out of the 10 s window by 11, 4 by 15
+        now[0] = t
+        counts.append(window.record())
+    assert counts == [1, 2, 2, 2, 3]
+    assert not window.exhausted(2) and window.exhausted(3)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max-crashes", "0"], "argument --max-crashes: 0 is outside the accepted range 1..1000"),
+    (["--crash-window", "0"], "argument --crash-window: 0 is outside the accepted range 1..86400"),
+])
+def test_supervision_flags_out_of_range_are_refused(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path), *argv])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_crashed_server_comes_back_and_a_crash_loop_gives_up(small_artifacts):
+    """The crafted request kills Triton; the command logs it, starts Triton again on the same
+    ports, checks it, and it answers a normal request. The second crash within the window is the
+    --max-crashes 2nd: the command stops and exits 1 saying why, leaving nothing behind."""
+    ports = Ports.free()
+    process = _serve(small_artifacts, ports, "--max-crashes", "2", "--crash-window", "600")
+    output = _Output(process)
+    tritons = []
+    try:
+        assert output.wait_for("ready in", READY_S), output.lines
+        tritons.append(_triton_of(ports))
+        answer = _send_crafted(ports.http)
+        assert output.wait_for("Triton stopped while serving", 60), (
+            f"the crafted request no longer crashes Triton (it got {answer}): kill the Triton process instead",
+            output.lines)
+        crash = next(line for line in output.lines if "Triton stopped while serving" in line)
+        assert "it crashed (SIGABRT, signal 6)" in crash and "std::bad_alloc" in crash, crash
+        assert "restarting it in 1 s on the same ports (crash 1 within 600 s; the service gives up at 2)" in crash, crash
+        assert output.wait_for("restarted: ready again in", READY_S), output.lines
+        tritons.append(_triton_of(ports))
+        assert tritons[1] is not None and tritons[1][0] != tritons[0][0], tritons
+        assert _stubs_of(tritons[0][0]) == {}, "the crashed server's model processes were left running"
+        upscaled = _normal_request(ports.http)
+        assert upscaled.shape == (1, 32, 16, 16) and np.isfinite(upscaled).all()
+
+        _send_crafted(ports.http)
+        process.wait(timeout=60)
+        text = output.text()
+        assert process.returncode == 1, text
+        assert output.lines[-1].startswith("error: Triton stopped 2 times within 600 s (--max-crashes 2, "
+                                           "--crash-window 600); gave up. Last: it crashed (SIGABRT"), text
+        assert "Traceback" not in text and text.count("restarted: ready again") == 1, text
+        assert _triton_of(ports) is None and _stubs_of(tritons[1][0]) == {}, "a server or model process outlived it"
+    finally:
+        for triton in tritons or [None]:
+            _end(process, triton)
