@@ -9,7 +9,8 @@ or SIGINT stops it: Triton finishes in-flight requests (within ``--exit-timeout`
 command exits 0. A first start that fails or answers wrongly is stopped, and the command exits 1
 saying why. A server that dies while serving is restarted on the same ports and checked again
 (``serving.supervisor``); after ``--max-crashes`` deaths within ``--crash-window`` the command
-exits 1.
+exits 1. With a ``--host`` other than loopback only gRPC listens there: HTTP and metrics stay on
+127.0.0.1 (one crafted HTTP/JSON request aborts the bundled Triton) unless ``--public-http``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .serving.repository import MODEL_NAME, ServedModel, write_repository
 from .serving.ready import ReadyCheck
 from .serving.server import (
     EXIT_TIMEOUT_S,
+    Hosts,
     Ports,
     check_ports_free,
     http_body_limit,
@@ -66,8 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--noise", choices=NOISE_MODES, default="auto", help="noise mode of the upscalers (see Upscaler.load)")
     parser.add_argument(
         "--host", default="127.0.0.1",
-        help="address the endpoints listen on (default: 127.0.0.1, this machine only; 0.0.0.0: all, see README on "
-        "public deployments: an HTTP JSON request can abort the bundled Triton)",
+        help="address gRPC listens on (default: 127.0.0.1, this machine only; 0.0.0.0: all); with an address other "
+        "than loopback, HTTP and metrics stay on 127.0.0.1 unless --public-http",
+    )
+    parser.add_argument(
+        "--public-http", action="store_true",
+        help="with a --host other than loopback, let HTTP (inference) and metrics listen there too. RISK: anyone who "
+        "reaches the HTTP port can abort the bundled Triton 2.51 with one crafted HTTP/JSON request of ~250 bytes (a "
+        "huge declared shape); it is restarted (requests in flight fail, seconds of downtime) until --max-crashes. "
+        "Put HTTP behind a gateway that authenticates clients instead",
     )
     parser.add_argument("--http-port", type=PORT, default=8000)
     parser.add_argument("--grpc-port", type=PORT, default=8001)
@@ -124,21 +133,18 @@ def _raise_stop(signum: int, frame: object) -> None:
 
 
 def serve(model: ServedModel, host: str, ports: Ports, ready_timeout: float, exit_timeout: int, verbose: bool,
-          policy: RestartPolicy = RestartPolicy()) -> int:
+          public_http: bool = False, policy: RestartPolicy = RestartPolicy()) -> int:
     """Serve until SIGTERM/SIGINT (exit 0), restarting Triton when it dies (``Service.watch``);
     raises ``ServeError`` if the first start fails or answers the ready check wrongly, and
     ``CrashLoop`` once the restarts give up (the server is stopped either way)."""
     kind = "GPU" if model.gpu else "CPU"
-    if not is_loopback(host):
-        print(f"warning: --host {host} lets other machines reach the server, and the bundled Triton 2.51 dies on HTTP "
-              "requests anyone can send (a JSON request that declares a huge shape; a body over the size below); let "
-              "untrusted clients reach gRPC only, or only through a gateway (README: Serving)", flush=True)
-    check_ports_free(host, ports)  # the cheap refusals first: the ready check's answer takes a load of the folder
+    hosts = Hosts.for_host(host, public_http)
+    check_ports_free(hosts, ports)  # the cheap refusals first: the ready check's answer takes a load of the folder
     print(f"{MODEL_NAME}: serving {model.artifacts} with backend {model.backend} on {kind} ({model.instances} "
           f"instance(s), max batch {model.max_batch}); computing the ready check's answer...", flush=True)
     check = ReadyCheck.against_upscaler(model)  # before Triton: never two copies of the folder on a GPU
     service = Service(model, check, host, ports, ready_timeout_s=ready_timeout, exit_timeout_s=exit_timeout,
-                      echo=_Echo(verbose), policy=policy)
+                      public_http=public_http, echo=_Echo(verbose), policy=policy)
     print(f"starting Triton (HTTP request bodies up to {http_body_limit(service.stack_bytes) / 1e6:.0f} MB: a larger "
           f"one crashes Triton 2.51; gRPC takes any; restarted when it dies, giving up after {policy.max_crashes} "
           f"death(s) within {policy.window_s:g} s)...", flush=True)
@@ -148,8 +154,11 @@ def serve(model: ServedModel, host: str, ports: Ports, ready_timeout: float, exi
     stopped_by = None
     try:
         seconds = service.start()
-        print(f"ready in {seconds:.1f} s ({check.describe()}): HTTP {service.server.url}/v2/models/{MODEL_NAME}, gRPC "
-              f"{host}:{ports.grpc}, metrics http://{host}:{ports.metrics}/metrics (SIGTERM or Ctrl-C stops)", flush=True)
+        listening = service.server.listening()
+        print(f"ready in {seconds:.1f} s ({check.describe()}): HTTP http://{listening['HTTP']}/v2/models/{MODEL_NAME}, "
+              f"gRPC {listening['gRPC']}, metrics http://{listening['metrics']}/metrics (SIGTERM or Ctrl-C stops)",
+              flush=True)
+        print(_exposure(host, hosts, listening), flush=True)
         service.watch()
     except _StopRequested as stop:
         stopped_by = str(stop)
@@ -168,6 +177,20 @@ def serve(model: ServedModel, host: str, ports: Ports, ready_timeout: float, exi
     note = " (its exit timeout expired: clients kept connections open or requests ran long)" if code == 1 else ""
     print(f"stopped in {time.monotonic() - start:.1f} s, Triton exit code {code}{note}", flush=True)
     return 0
+
+
+def _exposure(host: str, hosts: Hosts, listening: dict[str, str]) -> str:
+    """Who can reach what, in one line."""
+    if is_loopback(host):
+        return f"listening on {host}: this machine only"
+    if hosts.http == hosts.grpc:
+        return (f"warning: --public-http: HTTP {listening['HTTP']} and metrics {listening['metrics']} are reachable "
+                "from other machines, and one crafted HTTP/JSON request (a huge declared shape) aborts the bundled "
+                "Triton 2.51 (it is restarted; requests in flight are lost); let untrusted clients reach gRPC only, or "
+                "HTTP only through a gateway (README: Serving)")
+    return (f"gRPC {listening['gRPC']} is reachable from other machines; HTTP {listening['HTTP']} and metrics "
+            f"{listening['metrics']} from this machine only (the bundled Triton 2.51 aborts on one crafted HTTP/JSON "
+            "request; --public-http publishes them at that risk)")
 
 
 def _print_supervisor() -> logging.Handler:
@@ -197,6 +220,9 @@ class _Echo:
 def serve_command(argv: list[str] | None = None) -> int:
     """The command; raises the project's exceptions (``main`` turns them into exit codes)."""
     args = build_parser().parse_args(argv)
+    if args.public_http and is_loopback(args.host):
+        raise InvalidArgumentError(f"--public-http goes with a --host other than loopback (got {args.host}: HTTP "
+                                   "already listens there)")
     model = served_model(args)
     if args.write_repository is not None:
         folder = write_repository(args.write_repository, model, copy_artifacts=args.copy_artifacts)
@@ -205,7 +231,7 @@ def serve_command(argv: list[str] | None = None) -> int:
         return 0
     ports = Ports(args.http_port, args.grpc_port, args.metrics_port)
     policy = RestartPolicy(max_crashes=args.max_crashes, window_s=args.crash_window)
-    return serve(model, args.host, ports, args.ready_timeout, args.exit_timeout, args.verbose, policy)
+    return serve(model, args.host, ports, args.ready_timeout, args.exit_timeout, args.verbose, args.public_http, policy)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,14 +1,18 @@
-"""``python -m runtime.serve`` keeps the bundled Triton up.
+"""``python -m runtime.serve`` keeps the bundled Triton up and keeps its fragile HTTP server private.
 
 Triton 2.51 aborts (std::bad_alloc, SIGABRT) on one ~250-byte HTTP/JSON request declaring a
 latents tensor of [1, 128, 100000, 100000]: its JSON parser allocates the declared size. The
-command restarts it and gives up after --max-crashes within --crash-window. The real bundled
-Triton runs here, started as a service starts it (``service_environment``).
+command restarts it, gives up after --max-crashes within --crash-window, and with a --host other
+than loopback lets only gRPC (which refuses that request) listen there. The real bundled Triton
+runs here, started as a service starts it (``service_environment``).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
 import subprocess
 import sys
 import urllib.error
@@ -20,10 +24,13 @@ import pytest
 
 pytest.importorskip("pytriton", reason="serving needs the serve extra: pip install -e '.[serve]'")
 httpclient = pytest.importorskip("tritonclient.http", reason="the serving tests' client is tritonclient (serve extra)")
+grpc = pytest.importorskip("grpc", reason="the serving tests' client is tritonclient[grpc] (serve extra)")
+
+from tritonclient.grpc import service_pb2, service_pb2_grpc  # noqa: E402 - after the skips
 
 from runtime.serve import main
 from runtime.serving.repository import MODEL_NAME
-from runtime.serving.server import Ports
+from runtime.serving.server import LOOPBACK, Ports, TritonServer
 from runtime.serving.supervisor import CrashWindow, RestartPolicy
 from tests.test_serving_hostile import _end, _inputs, _Output, _stubs_of, _triton_of
 from tests.test_serving_service import service_environment
@@ -88,6 +95,12 @@ def test_supervision_flags_out_of_range_are_refused(tmp_path, capsys, argv, mess
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_public_http_on_loopback_is_refused_in_one_line(tmp_path, capsys):
+    assert main([str(tmp_path), "--public-http"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --public-http goes with a --host other than loopback") and err.count("\n") == 1
+
+
 def test_a_crashed_server_comes_back_and_a_crash_loop_gives_up(small_artifacts):
     """The crafted request kills Triton; the command logs it, starts Triton again on the same
     ports, checks it, and it answers a normal request. The second crash within the window is the
@@ -124,3 +137,73 @@ def test_a_crashed_server_comes_back_and_a_crash_loop_gives_up(small_artifacts):
     finally:
         for triton in tritons or [None]:
             _end(process, triton)
+
+
+def _address_of_this_machine() -> str | None:
+    """An IPv4 address of this machine other than loopback (the one its route out uses), if any."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # a UDP connect sends nothing: it only picks the source address
+        except OSError:
+            return None
+        address = probe.getsockname()[0]
+    return None if address.startswith("127.") or address == "0.0.0.0" else address
+
+
+def _reachable(host: str, port: int) -> bool:
+    with socket.socket() as probe:
+        probe.settimeout(5)
+        return probe.connect_ex((host, port)) == 0
+
+
+def test_a_public_host_gets_grpc_only(small_artifacts):
+    """--host <this machine's address>: gRPC listens there and refuses the crafted shape with
+    INVALID_ARGUMENT (the server lives on); HTTP and metrics listen on 127.0.0.1 only."""
+    host = _address_of_this_machine()
+    if host is None:
+        pytest.skip("this machine has no address other than loopback")
+    ports = Ports.free()
+    process = _serve(small_artifacts, ports, "--host", host)
+    output = _Output(process)
+    triton = None
+    try:
+        assert output.wait_for("ready in", READY_S), output.lines
+        triton = _triton_of(ports)
+        assert (_reachable(host, ports.grpc), _reachable(host, ports.http), _reachable(host, ports.metrics)) == (
+            True, False, False)
+        assert (_reachable(LOOPBACK, ports.http), _reachable(LOOPBACK, ports.metrics)) == (True, True)
+        assert any(f"gRPC {host}:{ports.grpc} is reachable from other machines; HTTP 127.0.0.1:{ports.http} and metrics "
+                   f"127.0.0.1:{ports.metrics} from this machine only" in line for line in output.lines), output.lines
+        request = service_pb2.ModelInferRequest(model_name=MODEL_NAME)
+        for name, datatype, shape, values in (("latents", "FP32", [1, 32, 100000, 100000], np.zeros(1, np.float32)),
+                                              ("scale", "INT32", [1, 1], np.full(1, 2, np.int32)),
+                                              ("seed", "INT64", [1, 1], np.zeros(1, np.int64))):
+            tensor = request.inputs.add(name=name, datatype=datatype)
+            tensor.shape.extend(shape)
+            request.raw_input_contents.append(values.tobytes())  # the crafted shape gets 4 bytes of values
+        with grpc.insecure_channel(f"{host}:{ports.grpc}") as channel:
+            with pytest.raises(grpc.RpcError) as refused:
+                service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value
+        assert _reachable(host, ports.grpc)
+        assert _normal_request(ports.http).shape == (1, 32, 16, 16)
+        assert process.poll() is None and not any("Triton stopped" in line for line in output.lines), output.lines
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+        assert process.returncode == 0, output.text()
+    finally:
+        _end(process, triton)
+
+
+@pytest.mark.parametrize("public_http", [False, True])
+def test_the_command_line_puts_http_on_the_host_only_with_public_http(tmp_path, public_http):
+    """What Triton is told to bind (the real start above checks the default's sockets)."""
+    server = TritonServer(tmp_path, "192.0.2.7", Ports(18100, 18101, 18102), public_http=public_http)
+    command = server.command(tmp_path / "backends")
+    bound = {flag: command[command.index(flag) + 1] for flag in ("--http-address", "--grpc-address", "--metrics-address")}
+    http = "192.0.2.7" if public_http else LOOPBACK
+    assert bound == {"--http-address": http, "--grpc-address": "192.0.2.7", "--metrics-address": http}
+    assert server.address == f"{http}:18100"
+    loopback = TritonServer(tmp_path, "127.0.0.1", Ports(18100, 18101, 18102)).command(tmp_path)
+    assert [loopback[loopback.index(f) + 1] for f in ("--http-address", "--grpc-address")] == ["127.0.0.1"] * 2
+    assert os.path.basename(command[0]) == "tritonserver"

@@ -99,25 +99,53 @@ class Ports:
         return {"--http-port": self.http, "--grpc-port": self.grpc, "--metrics-port": self.metrics}
 
 
-def check_ports_free(host: str, ports: Ports) -> None:
+LOOPBACK = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class Hosts:
+    """The address each endpoint listens on. Triton 2.51's HTTP server (inference and metrics) aborts
+    on one crafted JSON request (a declared shape of terabytes, allocated while parsing), which its
+    gRPC server refuses with INVALID_ARGUMENT; so a public host gets gRPC only, HTTP stays on this
+    machine, unless ``public_http`` says otherwise."""
+
+    http: str = LOOPBACK
+    grpc: str = LOOPBACK
+    metrics: str = LOOPBACK
+
+    @classmethod
+    def for_host(cls, host: str, public_http: bool = False) -> Hosts:
+        if public_http or is_loopback(host):
+            return cls(host, host, host)
+        return cls(LOOPBACK, host, LOOPBACK)
+
+    def named(self) -> dict[str, str]:
+        return {"--http-address": self.http, "--grpc-address": self.grpc, "--metrics-address": self.metrics}
+
+
+def check_ports_free(hosts: Hosts, ports: Ports) -> None:
     """Refuse an unknown host or ports another process holds, by name, before the server is started."""
     values = list(ports.named().values())
     if len(set(values)) != len(values):
         raise ServeError(f"the HTTP, gRPC and metrics ports must differ, got {ports.named()}")
+    for host, (flag, port) in zip(hosts.named().values(), ports.named().items()):
+        _check_port_free(host, flag, port)
+
+
+def _check_port_free(host: str, flag: str, port: int) -> None:
     try:
         family, _, _, _, address = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as exc:
         raise ServeError(f"--host {host} is not an address of this machine ({exc.strerror}); "
                          "give 0.0.0.0 (all), 127.0.0.1 (this machine only) or one of its addresses") from None
-    for flag, port in ports.named().items():
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind((address[0], port, *address[2:]))
-            except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    raise ServeError(f"{flag} {port} on {host} is in use; pick another with {flag}") from None
-                raise ServeError(f"cannot listen on {host} port {port} ({exc.strerror}); check --host and {flag}") from None
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((address[0], port, *address[2:]))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ServeError(f"{flag} {port} on {host} is in use; pick another with {flag}") from None
+            raise ServeError(f"cannot listen on {host} port {port} ({exc.strerror}); check --host and {flag}") from None
 
 
 def is_loopback(host: str) -> bool:
@@ -272,8 +300,9 @@ def _child_setup(stack: tuple[int, int]) -> Callable[[], None]:
 
 
 class TritonServer:
-    """The bundled ``tritonserver`` on one model repository, on ``host`` and ``ports``. ``start`` may
-    be called again after the server stopped (``stop``): a new process on the same ports."""
+    """The bundled ``tritonserver`` on one model repository, on ``host`` and ``ports``; a host other
+    than loopback gets gRPC only unless ``public_http`` (see ``Hosts``). ``start`` may be called
+    again after the server stopped (``stop``): a new process on the same ports."""
 
     def __init__(
         self,
@@ -284,10 +313,12 @@ class TritonServer:
         log_verbose: int = 0,
         exit_timeout_s: int = EXIT_TIMEOUT_S,
         stack_bytes: int = STACK_FLOOR_BYTES,
+        public_http: bool = False,
     ):
         """``stack_bytes``: the server's stack limit, which bounds the HTTP bodies it survives
         (``http_stack_bytes`` of the largest request)."""
         self.repository, self.host, self.ports, self.echo = Path(repository), host, ports, echo
+        self.hosts = Hosts.for_host(host, public_http)
         self.log_verbose, self.exit_timeout_s, self.stack_bytes = log_verbose, exit_timeout_s, stack_bytes
         self.process: subprocess.Popen | None = None
         self._workspace: Path | None = None
@@ -297,19 +328,24 @@ class TritonServer:
     @property
     def address(self) -> str:
         """host:port of the HTTP endpoint, as tritonclient takes it."""
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        host = LOOPBACK if self.hosts.http in ("0.0.0.0", "") else self.hosts.http
         return f"{host}:{self.ports.http}"
 
     @property
     def url(self) -> str:
         return f"http://{self.address}"
 
+    def listening(self) -> dict[str, str]:
+        """Where each endpoint listens, host:port by protocol name."""
+        return {name: f"{host}:{port}" for name, host, port in zip(
+            ("HTTP", "gRPC", "metrics"), self.hosts.named().values(), self.ports.named().values())}
+
     def command(self, backends: Path) -> list[str]:
         return [
-            str(self._bundle.server),
+            str(BundledTriton.find().server),
             "--model-repository", str(self.repository),
             "--backend-directory", str(backends),
-            "--http-address", self.host, "--grpc-address", self.host, "--metrics-address", self.host,
+            *[v for flag, host in self.hosts.named().items() for v in (flag, host)],
             *[str(v) for flag, port in self.ports.named().items() for v in (flag, port)],
             "--exit-timeout-secs", str(self.exit_timeout_s),
             "--log-verbose", str(self.log_verbose),
@@ -317,16 +353,16 @@ class TritonServer:
 
     def environment(self, workspace: Path) -> dict[str, str]:
         """The server's environment (see ``BundledTriton.environment``)."""
-        return self._bundle.environment(python_folder(workspace))
+        return BundledTriton.find().environment(python_folder(workspace))
 
     def start(self) -> None:
-        check_ports_free(self.host, self.ports)
-        self._bundle = BundledTriton.find()
+        check_ports_free(self.hosts, self.ports)
+        bundle = BundledTriton.find()
         self._workspace = scratch_dir("triton")
         self._tail.clear()
         try:
             env = self.environment(self._workspace)
-            command = self.command(self._bundle.backend_directory(self._workspace))
+            command = self.command(bundle.backend_directory(self._workspace))
         except BaseException:
             shutil.rmtree(self._workspace, ignore_errors=True)
             self._workspace = None

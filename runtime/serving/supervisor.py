@@ -81,6 +81,7 @@ class Service:
         *,
         ready_timeout_s: float = 600,
         exit_timeout_s: int = EXIT_TIMEOUT_S,
+        public_http: bool = False,
         echo: Callable[[str], None] | None = None,
         policy: RestartPolicy = RestartPolicy(),
     ):
@@ -90,7 +91,7 @@ class Service:
         self.stack_bytes = http_stack_bytes(largest_request_bytes(model.artifacts, model.max_batch))
         self._scratch: Path | None = None
         self._server_options = dict(host=host, ports=ports, echo=echo, exit_timeout_s=exit_timeout_s,
-                                    stack_bytes=self.stack_bytes)
+                                    stack_bytes=self.stack_bytes, public_http=public_http)
         self.server: TritonServer | None = None
         self.restarts = 0
 
