@@ -12,6 +12,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import ClassVar
 
 from .errors import FlowUpscalerError
 from .files import atomic_output
@@ -177,11 +178,17 @@ class CheckSetRecord:
     """The check set (``export.pipeline.checkset``): inputs and fp32 eager outputs, stored at build
     time so that engines that never ran can be checked where they run (``runtime.check``).
 
-    ``components``: per component, its precision, the shape of every stored input and expected
-    output, and per output the limits ``{"rel_l2": ..., "max_abs": ...}``. ``whole_pass``: one 2x
-    pass (its ``latents_small`` shape, precision, seed and limits), empty without both pass
-    components. The limits are absolute numbers: the runtime compares, it derives nothing.
+    ``components``: per component, its precision, output names, ``cases`` (each stored shape: its
+    name in the file, every input's shape, the profile ends it is, the profile it runs on, and
+    ``reduced`` where it stands in for a profile's largest shape over the budget), ``not_stored``
+    (profiles whose largest shape has no case, with why) and per output the limits
+    ``{"rel_l2": ..., "max_abs": ...}``. ``whole_pass``: one 2x pass (its ``latents_small``
+    shape, precision, seed and limits), empty without both pass components. The limits are
+    absolute numbers: the runtime compares, it derives nothing. ``VERSION``: the layout written
+    now (``version`` in ``facts``); a runtime reads no other.
     """
+
+    VERSION: ClassVar[int] = 2  # 2: every profile's smallest and largest shapes; 1: the first profile's smallest
 
     file: str
     sha256: str
@@ -189,6 +196,11 @@ class CheckSetRecord:
     components: dict[str, dict] = field(default_factory=dict)
     whole_pass: dict = field(default_factory=dict)
     facts: dict = field(default_factory=dict)
+
+    @property
+    def version(self) -> object:
+        """The layout the build wrote (None if it wrote none)."""
+        return self.facts.get("version")
 
     def to_dict(self) -> dict:
         return {"file": self.file, "sha256": self.sha256, "key": self.key, "components": self.components,

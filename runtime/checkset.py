@@ -2,9 +2,11 @@
 (TensorRT-RTX ahead of time) are trusted only after their outputs matched the fp32 eager ones the
 build stored (``export.pipeline.checkset``; DESIGN.md "Trust for engines built where they cannot run").
 
-- ``run_check_set``: every component on its stored inputs and one whole 2x pass on the stored input
-  and noise, compared with the stored fp32 eager outputs (rel-L2, max-abs) against the limits the
-  build stored beside them. What ``python -m runtime.check`` prints.
+- ``run_check_set``: every component on each stored case (the smallest and largest shape of every
+  profile, or the largest that fit the build's budget), three calls in a row so that a replayed
+  CUDA graph is compared too (``CALLS``), and one whole 2x pass on the stored input and noise, each
+  compared with the stored fp32 eager outputs (``runtime.metrics.difference``: rel-L2, max-abs)
+  against the limits the build stored beside them. What ``python -m runtime.check`` prints.
 - ``verify_first_use``: what ``Upscaler.load`` does with a backend whose ``verification_identity``
   is not None: the check runs once per identity (engines, GPU, driver, runtime version) and check
   set, its verdict is cached in the user cache folder (``runtime.cache``), and engines that fail
@@ -27,16 +29,24 @@ from safetensors.torch import load_file
 
 from engines.errors import FlowUpscalerError
 from engines.files import atomic_output
-from engines.manifest import Manifest, sha256_file
+from engines.manifest import CheckSetRecord, Manifest, sha256_file
 
 from .backends import Backend, BackendUnavailable
 from .cache import cache_dir
 from .noise import Noise
-from .upscale_pass import run_pass
+from .metrics import difference
+from .upscale_pass import PASS_COMPONENTS, run_pass
 
 logger = logging.getLogger(__name__)
 
 PASS = "pass"  # the whole pass's entry in the results, beside the components
+# Every stored case runs this many times in a row, each call compared. TensorRT's backend runs a
+# shape's first call plainly, its second plainly and then captures a CUDA graph, and replays the
+# graph from the third (runtime.tensorrt_backend); torch.compile's reduce-overhead mode records on
+# the second call and replays from the third too. Elsewhere the later calls show that repeated
+# calls at one shape agree with the first (the third keeps its name).
+CALLS = ("first call", "second call", "replayed call")
+WHOLE_PASS = "whole pass"  # the pass runs once, on launches its cases already replayed
 VERDICTS = "verdicts"  # under the user cache folder
 
 
@@ -49,48 +59,74 @@ class EngineCheckFailed(BackendUnavailable):
 
 
 @dataclass
+class CallCheck:
+    """One call's output against its stored fp32 eager value."""
+
+    call: str  # one of CALLS, or WHOLE_PASS
+    rel_l2: float = float("nan")
+    max_abs: float = float("nan")
+    finite: bool = True
+    shape_error: str | None = None
+
+    def failures(self, limits: dict[str, float]) -> list[str]:
+        if self.shape_error:
+            return [self.shape_error]
+        failures = [] if self.finite else ["non-finite values"]
+        if not self.rel_l2 <= limits["rel_l2"]:
+            failures.append(f"rel-L2 {self.rel_l2:.3g} > {limits['rel_l2']:.3g}")
+        if not self.max_abs <= limits["max_abs"]:
+            failures.append(f"max-abs {self.max_abs:.3g} > {limits['max_abs']:.3g}")
+        return failures
+
+
+@dataclass
 class OutputCheck:
-    """One output against its stored fp32 eager value: the figures and the limits."""
+    """One output of one stored case (``case``: its main input and shape) against its stored fp32
+    eager value on every call, with the limits; its figures are the worst call's."""
 
     component: str  # or PASS
     output: str
     precision: str
-    rel_l2: float
-    max_abs: float
     limits: dict[str, float]
-    finite: bool = True
-    shape_error: str | None = None
+    case: str
+    calls: list[CallCheck] = field(default_factory=list)
+
+    @property
+    def rel_l2(self) -> float:
+        return max((c.rel_l2 for c in self.calls), default=float("nan"))
+
+    @property
+    def max_abs(self) -> float:
+        return max((c.max_abs for c in self.calls), default=float("nan"))
 
     @property
     def failures(self) -> list[str]:
-        if self.shape_error:
-            return [self.shape_error]
-        failures = [] if self.finite else ["non-finite values"]
-        if not self.rel_l2 <= self.limits["rel_l2"]:
-            failures.append(f"rel-L2 {self.rel_l2:.3g} > {self.limits['rel_l2']:.3g}")
-        if not self.max_abs <= self.limits["max_abs"]:
-            failures.append(f"max-abs {self.max_abs:.3g} > {self.limits['max_abs']:.3g}")
-        return failures
+        """One phrase per failed call, naming the call."""
+        return [f"{c.call} ({', '.join(f)})" for c in self.calls if (f := c.failures(self.limits))]
 
     @property
     def passed(self) -> bool:
         return not self.failures
 
     def line(self) -> str:
-        if self.shape_error:
-            figures = self.shape_error
+        shape_errors = [c.shape_error for c in self.calls if c.shape_error]
+        if shape_errors:
+            figures = shape_errors[0]
         else:
             figures = (f"rel-L2 {self.rel_l2:.2e} (limit {self.limits['rel_l2']:.2e})  "
                        f"max-abs {self.max_abs:.2e} (limit {self.limits['max_abs']:.2e})")
-            figures += "" if self.finite else "  non-finite values"
-        return f"{self.component:<13} {self.precision:<5} {self.output:<9} {figures}  {'PASS' if self.passed else 'FAIL'}"
+            figures += "" if all(c.finite for c in self.calls) else "  non-finite values"
+        failed = [c.call for c in self.calls if c.failures(self.limits)]
+        verdict = f"FAIL on the {', '.join(failed)}" if failed else "PASS"
+        return (f"{self.component:<13} {self.precision:<5} {self.output:<9} {self.case:<26} {figures}  "
+                f"{len(self.calls)} call{'s' if len(self.calls) > 1 else ''}  {verdict}")
 
 
 @dataclass
 class CheckResult:
     """The check set run through one backend: every output's figures, and the components (or the
     pass) that did not run, with why. Passed only when everything ran and every output is within
-    its limits."""
+    its limits on every call."""
 
     backend: str
     device: str
@@ -99,6 +135,7 @@ class CheckResult:
     not_run: dict[str, str] = field(default_factory=dict)  # component -> why it cannot run here
     errors: dict[str, str] = field(default_factory=dict)  # component -> the error its run raised
     notes: list[str] = field(default_factory=list)  # limits that could not follow the precision run
+    coverage: list[str] = field(default_factory=list)  # profiles' largest shapes checked smaller, or not
 
     @property
     def complete(self) -> bool:
@@ -111,13 +148,13 @@ class CheckResult:
 
     @property
     def failures(self) -> list[str]:
-        """One phrase per failed output, component not run or run that raised."""
-        failed = [f"{o.component} {o.output} ({', '.join(o.failures)})" for o in self.outputs if not o.passed]
+        """One phrase per failed call of an output, component not run or run that raised."""
+        failed = [f"{o.component} {o.output} at {o.case}, {why}" for o in self.outputs for why in o.failures]
         failed += [f"{c} raised: {why}" for c, why in self.errors.items()]
         return failed + [f"{c} cannot run here: {why}" for c, why in self.not_run.items()]
 
     def lines(self) -> list[str]:
-        """The table ``runtime.check`` prints: one line per output, then what did not run."""
+        """The table ``runtime.check`` prints: one line per output of each case, then what did not run."""
         lines = [o.line() for o in self.outputs]
         lines += [f"{c:<13} {'':<5} {'-':<9} ERROR: {why}" for c, why in self.errors.items()]
         return lines + [f"{c:<13} {'':<5} {'-':<9} NOT RUN: {why}" for c, why in self.not_run.items()]
@@ -125,8 +162,9 @@ class CheckResult:
     def to_dict(self) -> dict:
         return {"backend": self.backend, "device": self.device, "check_set": self.check_set, "passed": self.passed,
                 "failures": self.failures,
-                "outputs": [{**asdict(o), "passed": o.passed} for o in self.outputs],
-                "not_run": self.not_run, "errors": self.errors, "notes": self.notes}
+                "outputs": [{**asdict(o), "rel_l2": o.rel_l2, "max_abs": o.max_abs, "passed": o.passed}
+                            for o in self.outputs],
+                "not_run": self.not_run, "errors": self.errors, "notes": self.notes, "coverage": self.coverage}
 
 
 class _StoredNoise(Noise):
@@ -140,11 +178,16 @@ class _StoredNoise(Noise):
 
 
 def read_check_set(folder: Path, manifest: Manifest) -> dict[str, torch.Tensor]:
-    """The check set's tensors, refused unless the file is the one the manifest names (sha256)."""
+    """The check set's tensors, refused unless the file is the one the manifest names (sha256), in
+    the layout this runtime reads."""
     record = manifest.check_set
     rebuild = manifest.rebuild_command
     if record is None:
         raise CheckSetError(f"{folder} has no check set (built before check sets were stored); rebuild with: {rebuild}")
+    if record.version != CheckSetRecord.VERSION:
+        raise CheckSetError(f"the check set {record.file} of {folder} has layout version {record.version}; this "
+                            f"runtime reads version {CheckSetRecord.VERSION} (every profile's smallest and largest shapes); "
+                            f"rebuild with: {rebuild}")
     path = Path(folder) / record.file
     if not path.is_file():
         raise CheckSetError(f"the check set {record.file} named in the manifest is missing from {folder}; "
@@ -158,18 +201,11 @@ def read_check_set(folder: Path, manifest: Manifest) -> dict[str, torch.Tensor]:
         raise CheckSetError(f"the check set {record.file} cannot be read ({exc}); rebuild with: {rebuild}") from exc
 
 
-def _compare(component: str, output: str, precision: str, got: torch.Tensor, expected: torch.Tensor,
-             limits: dict[str, float]) -> OutputCheck:
-    check = OutputCheck(component, output, precision, float("nan"), float("nan"), dict(limits))
+def _compare(call: str, got: torch.Tensor, expected: torch.Tensor) -> CallCheck:
     if tuple(got.shape) != tuple(expected.shape):
-        check.shape_error = f"shape {tuple(got.shape)}, expected {tuple(expected.shape)}"
-        return check
-    got64, expected64 = got.detach().cpu().double(), expected.double()
-    diff = got64 - expected64
-    check.finite = bool(torch.isfinite(got64).all())
-    check.rel_l2 = float(diff.norm() / max(float(expected64.norm()), 1e-30))
-    check.max_abs = float(diff.abs().max()) if diff.numel() else 0.0
-    return check
+        return CallCheck(call, shape_error=f"shape {tuple(got.shape)}, expected {tuple(expected.shape)}")
+    figures = difference(got, expected)
+    return CallCheck(call, figures.rel_l2, figures.max_abs, figures.finite)
 
 
 def _limits(entry: dict, run_precision: str | None, notes: list[str], what: str) -> tuple[str, dict]:
@@ -177,11 +213,9 @@ def _limits(entry: dict, run_precision: str | None, notes: list[str], what: str)
     the backend runs it in when that differs (fp32 runs are held to the graph's, looser, limits)."""
     if run_precision in (None, "fp32", entry["precision"]):
         return entry["precision"], entry["limits"]
-    limits = entry.get("precision_limits", {}).get(run_precision)
+    limits = entry["precision_limits"].get(run_precision)
     if limits is None:
-        why = ("(built before 2026-12-05): rebuild the folder for limits of the precision run"
-               if "precision_limits" not in entry else "for it")
-        notes.append(f"{what} runs in {run_precision} here; the check set holds no {run_precision} limits {why}; "
+        notes.append(f"{what} runs in {run_precision} here; the check set holds no {run_precision} limits for it; "
                      f"held to the {entry['precision']} limits")
         return entry["precision"], entry["limits"]
     return run_precision, limits
@@ -194,10 +228,28 @@ def _fed(tensor: torch.Tensor, name: str, produced: dict[str, torch.dtype], devi
     return tensor.to(device=device, dtype=produced.get(name, tensor.dtype))
 
 
+def _shape(name: str, shape: list[int]) -> str:
+    return f"{name} {'x'.join(str(s) for s in shape)}"
+
+
+def _coverage(component: str, entry: dict) -> list[str]:
+    """What the check set says it could not hold of ``component``'s profiles' largest shapes."""
+    lines = []
+    for case in entry["cases"]:
+        if reduced := case.get("reduced"):
+            main, shape = next(iter(case["inputs"].items()))
+            lines.append(f"{component} {reduced['profile']}: checked at {_shape(main, shape)}, smaller than its "
+                         f"largest {_shape(main, reduced['largest'])}, which does not fit the check set's budget")
+    return lines + [f"{component} {profile}: largest shape not checked: {why}"
+                    for profile, why in entry["not_stored"].items()]
+
+
 @torch.inference_mode()
 def run_check_set(backend: Backend, folder: str | Path, manifest: Manifest) -> CheckResult:
-    """Run the folder's check set through ``backend`` (see the module docstring). Components the
-    backend cannot run are recorded as not run, with why; errors of a run as errors."""
+    """Run the folder's check set through ``backend`` (see the module docstring): every case of
+    every component once per ``CALLS``, each call compared before the next (a backend may reuse
+    its output buffers), then the whole pass. Components the backend cannot run are recorded as
+    not run, with why; errors of a run as errors."""
     folder = Path(folder)
     tensors = read_check_set(folder, manifest)
     record = manifest.check_set
@@ -211,22 +263,30 @@ def run_check_set(backend: Backend, folder: str | Path, manifest: Manifest) -> C
             except BackendUnavailable as exc:
                 result.not_run[component] = str(exc)
                 continue
+            where = "its check set entry"
             try:
-                inputs = {n: _fed(tensors[f"{component}/inputs/{n}"], n, produced, device) for n in entry["inputs"]}
-                outputs = backend.run(component, inputs)
+                result.coverage += _coverage(component, entry)
                 precision, limits = _limits(entry, backend.run_precision(component), result.notes, component)
-                for name in entry["outputs"]:
-                    produced[name] = outputs[name].dtype
-                    result.outputs.append(_compare(component, name, precision, outputs[name].float(),
-                                                   tensors[f"{component}/outputs/{name}"], limits[name]))
+                for case in entry["cases"]:
+                    prefix = f"{component}/{case['name']}"
+                    where = _shape(*next(iter(case["inputs"].items())))
+                    inputs = {n: _fed(tensors[f"{prefix}/inputs/{n}"], n, produced, device) for n in case["inputs"]}
+                    checks = {n: OutputCheck(component, n, precision, limits[n], where) for n in entry["outputs"]}
+                    for call in CALLS:
+                        outputs = backend.run(component, inputs)
+                        for name, check in checks.items():
+                            produced[name] = outputs[name].dtype
+                            expected = tensors[f"{prefix}/outputs/{name}"]
+                            check.calls.append(_compare(call, outputs[name].float(), expected))
+                    result.outputs += checks.values()
             except KeyError as exc:
                 raise CheckSetError(f"the check set {record.file} lacks {exc} for {component}; rebuild with: "
                                     f"{manifest.rebuild_command}") from exc
             except (RuntimeError, ValueError, TypeError) as exc:  # the backend's own failures
-                result.errors[component] = " ".join(str(exc).split())[:300] or type(exc).__name__
+                result.errors[component] = f"at {where}: " + (" ".join(str(exc).split())[:300] or type(exc).__name__)
         whole = record.whole_pass
         ran = {c for c in record.components if c not in result.not_run and c not in result.errors}
-        if whole and {"cond_encoder", "unet"} <= ran:
+        if whole and set(PASS_COMPONENTS) <= ran:
             try:
                 names = whole["tensors"]
                 latents_small, noise, x0 = (tensors[names[n]] for n in ("latents_small", "noise", "x0"))
@@ -236,7 +296,9 @@ def run_check_set(backend: Backend, folder: str | Path, manifest: Manifest) -> C
             try:
                 got = run_pass(backend.run, latents_small.to(device), _StoredNoise(noise))
                 precision, limits = _limits(whole, backend.run_precision("unet"), result.notes, PASS)
-                result.outputs.append(_compare(PASS, "x0", precision, got, x0, limits))
+                check = OutputCheck(PASS, "x0", precision, limits, _shape("latents_small", whole["latents_small"]))
+                check.calls.append(_compare(WHOLE_PASS, got, x0))
+                result.outputs.append(check)
             except (RuntimeError, ValueError, TypeError) as exc:
                 result.errors[PASS] = " ".join(str(exc).split())[:300] or type(exc).__name__
         elif whole:
@@ -311,6 +373,8 @@ def _verify(backend: Backend, folder: Path, manifest: Manifest, identity: dict) 
         _store_verdict(path, verdict)
         logger.info("%s engines of %s checked on first use: %s", backend.name, folder,
                     "passed" if result.passed else "FAILED")
+        for line in result.coverage:
+            logger.info("check set coverage: %s", line)
         where = f"verdict cached in {path}"
     if not verdict["passed"]:
         raise EngineCheckFailed(

@@ -1,5 +1,6 @@
-"""The check set (issue 22 item 5): what the build stores, ``python -m runtime.check`` on ONNX Runtime's
-CPU provider (which shows the check set itself is right), a check set altered on purpose, and reuse."""
+"""The check set: what the build stores (the smallest and largest shape of every profile, within its
+budget), ``python -m runtime.check`` on ONNX Runtime's CPU provider (which shows the check set itself
+is right), a check set altered on purpose or of another layout, and reuse."""
 
 from __future__ import annotations
 
@@ -17,8 +18,11 @@ from calib.data import load_calibration_set
 from engines.manifest import MANIFEST_NAME, load_manifest, read_manifest, sha256_file
 from engines.targets import PRESETS
 from export.build import BuildSettings, build_artifacts
-from export.models import ConditioningEncoder, UNetBody
+from export.models import ConditioningEncoder, UNetBody, VAEDecoder
+from export.onnx.components import COMPONENTS
+from export.pipeline.checkset import MakeCheckSet
 from export.pipeline.folder import ArtifactFolder
+from export.pipeline.progress import StageLog
 from export.reference import upscale as reference_upscale
 from runtime import Upscaler
 from runtime.checkset import run_check_set
@@ -50,52 +54,91 @@ def _set_check_set_sha(folder: Path) -> None:
     (folder / MANIFEST_NAME).write_text(json.dumps(data, indent=2))
 
 
-def test_build_stores_inputs_inside_the_first_profile_and_fp32_eager_outputs(small_artifacts, small_models):
+def _case_shapes(tensors: dict[str, torch.Tensor], component: str, inputs: list[str]) -> dict[str, dict]:
+    """Every stored case of ``component`` in the file: its name -> each input's shape (from the tensors)."""
+    names = {key.split("/")[1] for key in tensors if key.startswith(f"{component}/")}
+    return {case: {n: tuple(tensors[f"{component}/{case}/inputs/{n}"].shape) for n in inputs} for case in names}
+
+
+def test_the_check_set_holds_the_smallest_and_largest_shape_of_every_profile_of_every_component(
+        small_artifacts, small_models):
+    """Against the manifest's profiles and the file's own tensors (not the record's case list)."""
     manifest = load_manifest(small_artifacts)
     record = manifest.check_set
-    assert record is not None and record.file.startswith("checks/") and record.key in record.file
-    assert sha256_file(small_artifacts / record.file) == record.sha256
-    assert set(record.components) == {"cond_encoder", "unet", "vae_decoder"}
+    assert record.version == 2 and record.facts["budget_bytes"] == 192 * 2**20
+    assert record.facts["bytes"] == (small_artifacts / record.file).stat().st_size <= record.facts["budget_bytes"]
     tensors = load_file(str(small_artifacts / record.file))
-    for name, entry in record.components.items():
-        first = manifest.components[name].profiles[0]
-        shapes = {n: tuple(tensors[f"{name}/inputs/{n}"].shape) for n in entry["inputs"]}
-        assert first.covers(shapes), (name, shapes)
-        assert all(s[0] == 1 for s in shapes.values())  # batch 1
-    # the smallest side of the range (64 px: 8 latent pixels in, 16 out of a pass)
-    assert tensors["cond_encoder/inputs/latents_small"].shape == (1, 32, 8, 8)
-    assert tensors["unet/inputs/sample"].shape == (1, 32, 16, 16)
-    assert tensors["vae_decoder/inputs/latents"].shape == (1, 32, 8, 8)
-    # inputs in the types the fp16 graphs take; the encoder's outputs feed the U-Net in fp16
-    assert tensors["unet/inputs/lr1"].dtype == torch.float16 and tensors["unet/inputs/sample"].dtype == torch.float32
+    assert {key.split("/")[0] for key in tensors} == {"cond_encoder", "unet", "vae_decoder", "pass"}
+    for name, component in manifest.components.items():
+        stored = _case_shapes(tensors, name, component.inputs)
+        assert len(component.profiles) == (3 if name != "vae_decoder" else 1)
+        for profile in component.profiles:
+            for end in (profile.min, profile.max):
+                matching = [c for c, shapes in stored.items() if shapes == {n: tuple(end[n]) for n in component.inputs}]
+                assert len(matching) == 1, (name, profile.name, end, sorted(stored))
+                for output in component.outputs:
+                    assert tensors[f"{name}/{matching[0]}/outputs/{output}"].dtype == torch.float32
+        assert not record.components[name]["not_stored"]  # the small build fits the budget whole
+        assert all("reduced" not in case for case in record.components[name]["cases"])
+    # the profiles' largest batch is in the file: 4 at every side of the U-Net's range
+    unet = _case_shapes(tensors, "unet", ["sample"])
+    assert sorted(s["sample"] for s in unet.values()) == [(1, 32, 16, 16), (4, 32, 16, 16), (4, 32, 32, 32),
+                                                          (4, 32, 64, 64)]
+    # the largest decoder and U-Net cases' expected outputs are the fp32 eager ones
+    decoder = next(c for c, s in _case_shapes(tensors, "vae_decoder", ["latents"]).items() if s["latents"][0] == 4)
+    unet_largest = next(c for c, s in unet.items() if s["sample"] == (4, 32, 64, 64))
+    with torch.inference_mode(), full_fp32():
+        image = VAEDecoder(small_models.vae)(tensors[f"vae_decoder/{decoder}/inputs/latents"])
+        velocity = UNetBody(small_models.unet)(*(tensors[f"unet/{unet_largest}/inputs/{n}"].float()
+                                                 for n in ("sample", "cond", "lr1", "lr2", "lr3")))
+    assert image.shape == (4, 3, 512, 512)
+    torch.testing.assert_close(tensors[f"vae_decoder/{decoder}/outputs/image"], image, rtol=1e-5, atol=1e-5)
+    # stored lr maps are the fp16 rounding of the encoder's: the eager U-Net on them is close, not equal
+    torch.testing.assert_close(tensors[f"unet/{unet_largest}/outputs/velocity"], velocity, rtol=2e-2, atol=2e-2)
 
-    unet = small_models.unet
+
+def test_the_pass_and_its_steps_are_fp32_eager_at_the_smallest_shape(small_artifacts, small_models):
+    manifest = load_manifest(small_artifacts)
+    record = manifest.check_set
+    tensors = load_file(str(small_artifacts / record.file))
+    encoder = next(c for c, s in _case_shapes(tensors, "cond_encoder", ["latents_small"]).items()
+                   if s["latents_small"] == (1, 32, 8, 8))  # the smallest side of the range (64 px)
+    unet = next(c for c, s in _case_shapes(tensors, "unet", ["sample"]).items() if s["sample"] == (1, 32, 16, 16))
+    # inputs in the types the fp16 graphs take; the encoder's outputs feed the U-Net in fp16
+    assert tensors[f"unet/{unet}/inputs/lr1"].dtype == torch.float16
+    assert tensors[f"unet/{unet}/inputs/sample"].dtype == torch.float32
+
     names, seed = record.whole_pass["tensors"], record.whole_pass["seed"]
     latents_small = tensors[names["latents_small"]]
     with torch.inference_mode(), full_fp32():
-        encoded = ConditioningEncoder(unet)(latents_small, torch.full((1,), 1000.0))
-        x0 = reference_upscale(unet, latents_small, scale=2, seed=seed)
+        encoded = ConditioningEncoder(small_models.unet)(latents_small, torch.full((1,), 1000.0))
+        x0 = reference_upscale(small_models.unet, latents_small, scale=2, seed=seed)
         noise = torch.randn((1, 32, 16, 16), generator=torch.Generator().manual_seed(seed))  # the CPU convention
-        velocity = UNetBody(unet)(noise, *encoded)
-    # the pass's steps are the components' entries: the encoder on the pass input, the U-Net on its noise
-    assert torch.equal(tensors["cond_encoder/inputs/latents_small"], latents_small)
-    assert names == {"latents_small": "cond_encoder/inputs/latents_small", "noise": "unet/inputs/sample",
-                     "x0": "pass/x0"}
-    assert torch.equal(tensors["unet/inputs/sample"], noise)
+        velocity = UNetBody(small_models.unet)(noise, *encoded)
+    # the pass's steps are the components' smallest cases: the encoder on the pass input, the U-Net on its noise
+    assert names == {"latents_small": f"cond_encoder/{encoder}/inputs/latents_small",
+                     "noise": f"unet/{unet}/inputs/sample", "x0": "pass/x0"}
+    assert torch.equal(tensors[names["noise"]], noise)
     for name, value in zip(("cond", "lr1", "lr2", "lr3"), encoded):
-        torch.testing.assert_close(tensors[f"cond_encoder/outputs/{name}"], value, rtol=1e-6, atol=1e-6)
-        assert tensors[f"cond_encoder/outputs/{name}"].dtype == torch.float32
-        torch.testing.assert_close(tensors[f"unet/inputs/{name}"], value.half(), rtol=1e-3, atol=1e-3)
-    torch.testing.assert_close(tensors["unet/outputs/velocity"], velocity, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(tensors[f"cond_encoder/{encoder}/outputs/{name}"], value, rtol=1e-6, atol=1e-6)
+        assert tensors[f"cond_encoder/{encoder}/outputs/{name}"].dtype == torch.float32
+        torch.testing.assert_close(tensors[f"unet/{unet}/inputs/{name}"], value.half(), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(tensors[f"unet/{unet}/outputs/velocity"], velocity, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(tensors["pass/x0"], x0, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(x0, noise - velocity, rtol=1e-6, atol=1e-6)  # x0 = noise - v
+
+
+def _largest(tensors: dict[str, torch.Tensor], component: str, output: str) -> float:
+    """The largest |value| of ``output`` over all of ``component``'s cases."""
+    return max(float(t.abs().max()) for k, t in tensors.items()
+               if k.startswith(f"{component}/") and k.endswith(f"/outputs/{output}"))
 
 
 def test_limits_are_the_validation_tolerances_and_the_gate_thresholds(small_artifacts):
     record = read_manifest(small_artifacts).check_set
     tensors = load_file(str(small_artifacts / record.file))
     unet = record.components["unet"]["limits"]["velocity"]
-    largest = float(tensors["unet/outputs/velocity"].abs().max())
+    largest = _largest(tensors, "unet", "velocity")  # one limit for all the U-Net's cases
     assert unet["rel_l2"] == 1e-2 and unet["max_abs"] == pytest.approx(5e-2 * max(1.0, largest))  # fp16 graph
     assert record.components["vae_decoder"]["limits"]["image"]["rel_l2"] == 1e-4  # fp32 graph
     assert record.whole_pass["precision"] == "fp16" and record.whole_pass["limits"] == {"rel_l2": 5e-3, "max_abs": 5e-2}
@@ -105,7 +148,7 @@ def test_limits_of_the_other_float_precisions_are_stored_beside(small_artifacts)
     record = read_manifest(small_artifacts).check_set
     tensors = load_file(str(small_artifacts / record.file))
     unet = record.components["unet"]["precision_limits"]
-    largest = float(tensors["unet/outputs/velocity"].abs().max())
+    largest = _largest(tensors, "unet", "velocity")
     assert set(unet) == {"bf16", "cpu-int8"} and unet["bf16"]["velocity"] == {"rel_l2": 5e-2, "max_abs": pytest.approx(
         0.25 * max(1.0, largest))}  # bf16's validation tolerance, for the fp16 graph run in bf16
     assert unet["cpu-int8"]["velocity"]["rel_l2"] == 0.15  # the int8 components' (the CPU graphs)
@@ -124,11 +167,12 @@ def test_the_torch_backend_in_bf16_is_held_to_bf16_limits(small_artifacts):
         assert precisions[("unet", "velocity")] == ("bf16", 5e-2) and precisions[("pass", "x0")] == ("bf16", 3e-2)
         assert precisions[("vae_decoder", "image")] == ("bf16", 5e-2) and result.passed and not result.notes
         for entry in (*manifest.check_set.components.values(), manifest.check_set.whole_pass):
-            entry.pop("precision_limits")  # a check set built before they were stored
-        older = run_check_set(upscaler.backend, small_artifacts, manifest)
-    assert {(o.component, o.precision) for o in older.outputs if o.output in ("velocity", "x0")} == {
+            entry["precision_limits"].pop("bf16")  # a check set without them
+        without = run_check_set(upscaler.backend, small_artifacts, manifest)
+    assert {(o.component, o.precision) for o in without.outputs if o.output in ("velocity", "x0")} == {
         ("unet", "fp16"), ("pass", "fp16")}
-    assert len(older.notes) == 4 and "runs in bf16 here; the check set holds no bf16 limits (built before" in older.notes[0]
+    assert len(without.notes) == 4
+    assert "runs in bf16 here; the check set holds no bf16 limits for it" in without.notes[0]
 
 
 def test_runtime_check_passes_on_onnxruntime_cpu(small_artifacts):
@@ -136,23 +180,31 @@ def test_runtime_check_passes_on_onnxruntime_cpu(small_artifacts):
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
     for component, output in [("cond_encoder", "lr1"), ("unet", "velocity"), ("vae_decoder", "image"), ("pass", "x0")]:
-        row = next(line for line in lines if line.split()[:1] == [component] and output in line.split())
-        assert "rel-L2" in row and "max-abs" in row and row.endswith("PASS"), row
-    assert lines[-1].startswith("PASS: 7 outputs")
+        rows = [line for line in lines if line.split()[:1] == [component] and output in line.split()]
+        assert rows and all("rel-L2" in r and "max-abs" in r and r.endswith("PASS") for r in rows), rows
+        assert all("3 calls" in r for r in rows) if component != "pass" else "1 call" in rows[0]
+    # a row per case: the largest U-Net and decoder shapes of the manifest's profiles among them
+    assert any("velocity" in line and "sample 4x32x64x64" in line for line in lines), done.stdout
+    assert any("image" in line and "latents 4x32x64x64" in line for line in lines), done.stdout
+    assert lines[-1].startswith("PASS: 23 outputs within their limits on every call")  # 4x4 + 4 + 2 + the pass
 
 
 def test_altered_expected_outputs_fail_naming_the_component(small_artifacts, tmp_path):
     folder = _copy(small_artifacts, tmp_path)
     path = folder / read_manifest(folder).check_set.file
     tensors = load_file(str(path))
-    tensors["unet/outputs/velocity"] = tensors["unet/outputs/velocity"] * 1.1  # 10 % off: rel-L2 about 0.09
+    largest = next(k for k, t in tensors.items() if k.startswith("unet/") and k.endswith("/inputs/sample")
+                   and t.shape == (4, 32, 64, 64)).replace("/inputs/sample", "/outputs/velocity")
+    tensors[largest] = tensors[largest] * 1.1  # 10 % off: rel-L2 about 0.09
     save_file(tensors, str(path))
     _set_check_set_sha(folder)
     done = _check(folder)
     assert done.returncode == 1, done.stdout + done.stderr
-    failed = [line for line in done.stdout.splitlines() if line.endswith("FAIL")]
-    assert len(failed) == 1 and failed[0].split()[:3] == ["unet", "fp16", "velocity"], done.stdout
-    assert done.stdout.splitlines()[-1].startswith("FAIL: unet velocity (rel-L2 0.09")
+    failed = [line for line in done.stdout.splitlines() if "FAIL on the" in line]
+    assert len(failed) == 1, done.stdout
+    assert failed[0].split()[:5] == ["unet", "fp16", "velocity", "sample", "4x32x64x64"], done.stdout
+    assert failed[0].endswith("FAIL on the first call, second call, replayed call"), failed[0]
+    assert done.stdout.splitlines()[-1].startswith("FAIL: unet velocity at sample 4x32x64x64, first call (rel-L2 0.09")
 
 
 def test_a_check_set_changed_behind_the_manifest_is_refused(small_artifacts, tmp_path):
@@ -175,6 +227,75 @@ def test_a_folder_without_a_check_set_still_loads_and_check_says_why_not(small_a
     assert done.returncode == 1 and "has no check set" in done.stderr and "rebuild with: " in done.stderr
 
 
+def test_a_check_set_of_another_layout_is_refused_saying_to_rebuild(small_artifacts, tmp_path):
+    folder = _copy(small_artifacts, tmp_path)
+    data = json.loads((folder / MANIFEST_NAME).read_text())
+    data["check_set"]["version"] = 1  # the layout that held the first profile's smallest shape only
+    (folder / MANIFEST_NAME).write_text(json.dumps(data))
+    done = _check(folder)
+    assert done.returncode == 1 and done.stdout == "" and len(done.stderr.strip().splitlines()) == 1
+    assert "has layout version 1; this runtime reads version 2" in done.stderr and "rebuild with: " in done.stderr
+
+
+def _remake_check_set(folder: Path, small_models, budget: int) -> dict:
+    """The check-set stage alone over ``folder``'s components with ``budget``, put in its manifest."""
+    manifest = read_manifest(folder)
+    stage = MakeCheckSet(small_models, _small_settings(), {"budget": str(budget)}, ArtifactFolder(folder),
+                         StageLog(lambda line: None), budget=budget)
+    record = stage(manifest.components)
+    data = json.loads((folder / MANIFEST_NAME).read_text())
+    data["check_set"] = record.to_dict()
+    (folder / MANIFEST_NAME).write_text(json.dumps(data))
+    return data
+
+
+def test_largest_shapes_over_the_budget_are_checked_at_the_largest_that_fits_and_said_so(
+        small_artifacts, small_models, tmp_path):
+    """12 MiB: the smallest shapes (about 2 MB here) and the largest of the encoder and the U-Net fit;
+    the decoder's batch 4 at 64x64 (about 15 MB with its image) does not, and is checked smaller but
+    still beyond its smallest shape; the file stays within the budget."""
+    folder = _copy(small_artifacts, tmp_path)
+    budget = 12 * 2**20
+    data = _remake_check_set(folder, small_models, budget)
+    record = data["check_set"]
+    assert (folder / record["file"]).stat().st_size <= budget
+    tensors = load_file(str(folder / record["file"]))
+    tile = read_manifest(folder).components["vae_decoder"].profiles[0]
+    decoder = _case_shapes(tensors, "vae_decoder", ["latents"])
+    shapes = sorted(s["latents"] for s in decoder.values())
+    assert len(shapes) == 2 and shapes[0] == tuple(tile.min["latents"]) and tuple(tile.max["latents"]) not in shapes
+    assert tile.admits("latents", shapes[1]) and shapes[1] > shapes[0]
+    reduced = [c for c in record["components"]["vae_decoder"]["cases"] if "reduced" in c]
+    assert len(reduced) == 1 and reduced[0]["reduced"]["largest"] == list(tile.max["latents"])
+    for name in ("cond_encoder", "unet"):  # these fit whole
+        stored = [s for s in _case_shapes(tensors, name, [COMPONENTS[name].inputs[0]]).values()]
+        for profile in read_manifest(folder).components[name].profiles:
+            main = COMPONENTS[name].inputs[0]
+            assert {main: tuple(profile.max[main])} in stored
+    with Upscaler.load(folder, backend="onnxruntime", device="cpu") as upscaler:
+        result = run_check_set(upscaler.backend, folder, upscaler.manifest)
+    assert result.passed
+    assert result.coverage == [f"vae_decoder {tile.name}: checked at latents {'x'.join(map(str, shapes[1]))}, smaller "
+                               f"than its largest latents {'x'.join(map(str, tile.max['latents']))}, which does not "
+                               "fit the check set's budget"]
+
+
+def test_a_budget_the_smallest_shapes_fill_keeps_them_and_says_which_profiles_are_not_checked(
+        small_artifacts, small_models, tmp_path):
+    folder = _copy(small_artifacts, tmp_path)
+    record = _remake_check_set(folder, small_models, budget=1)["check_set"]
+    tensors = load_file(str(folder / record["file"]))
+    manifest = read_manifest(folder)
+    for name, component in manifest.components.items():
+        main = component.inputs[0]
+        stored = [s[main] for s in _case_shapes(tensors, name, [main]).values()]
+        assert stored == [tuple(component.profiles[0].min[main])]
+        assert set(record["components"][name]["not_stored"]) == {p.name for p in component.profiles}
+    done = _check(folder)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "note: unet unet:64: largest shape not checked: even its smallest shape that runs on it" in done.stdout
+
+
 def test_cannot_run_here_is_exit_1_with_why(small_artifacts, tmp_path):
     done = subprocess.run([sys.executable, "-m", "runtime.check", str(small_artifacts), "--backend", "tensorrt",
                            "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -191,7 +312,7 @@ def test_fp32_graphs_get_fp32_limits_and_pass(small_models, tmp_path):
     assert record.components["unet"]["limits"]["velocity"]["rel_l2"] == 1e-4
     assert record.whole_pass["limits"] == {"rel_l2": 1e-4, "max_abs": 1e-3}
     tensors = load_file(str(tmp_path / "fp32" / record.file))
-    assert torch.equal(tensors["unet/inputs/lr1"], tensors["cond_encoder/outputs/lr1"])
+    assert torch.equal(tensors["unet/b1.16x16/inputs/lr1"], tensors["cond_encoder/b1.8x8/outputs/lr1"])
     done = _check(tmp_path / "fp32")
     assert done.returncode == 0, done.stdout + done.stderr
 
