@@ -44,6 +44,7 @@ from runtime.serving.requests import LATENTS, SCALE, SEED, UPSCALED
 from runtime.serving.server import Ports
 from runtime.serving.supervisor import Service
 from runtime.inputs import PIXELS_PER_LATENT, pass_inputs
+from runtime.metrics import percentile
 from runtime.selection import BACKENDS
 
 from .latency import machine_facts, write_report
@@ -169,14 +170,6 @@ class Load:
             run.end = time.perf_counter()
         finally:
             client.close()
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile (``q`` in 0..1); None for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, int(np.ceil(q * len(ordered))) - 1))]
 
 
 def measure(load: Load, clients: int, warmup: int, requests: int) -> dict:
