@@ -172,6 +172,13 @@ def describe_shape(x: torch.Tensor) -> str:
     return f"shape {tuple(x.shape)}"
 
 
+def value_range(x: torch.Tensor) -> tuple[float, float]:
+    """(smallest, largest) value: one reduction and one device sync, no tensor of ``x``'s size (NaN
+    in any value makes both NaN, so this also tells whether ``x`` is finite)."""
+    low, high = torch.stack(torch.aminmax(x)).tolist()
+    return low, high
+
+
 def validate_latents(latents: torch.Tensor, name: str = "latents", grid: int = 2,
                      limit: float | None = LATENT_LIMIT) -> None:
     """Refuse anything but a finite float [B, 32, h, w] tensor with h, w multiples of ``grid`` and
@@ -193,7 +200,7 @@ def validate_latents(latents: torch.Tensor, name: str = "latents", grid: int = 2
         )
     if not latents.is_floating_point():
         raise InvalidLatentsError(f"{name} must be a floating-point tensor, got {latents.dtype}")
-    low, high = (float(v) for v in torch.aminmax(latents))  # NaN in any value makes both NaN
+    low, high = value_range(latents)
     if not (math.isfinite(low) and math.isfinite(high)):
         raise InvalidLatentsError(f"{name} contains NaN or Inf values")
     if limit is not None and max(-low, high) > limit:

@@ -39,7 +39,8 @@ from .backends.registry import OpenRequest
 from .errors import BackendUnavailable, InvalidArgumentError, NonFiniteOutputError, UpscalerClosedError
 from .inputs import DECODER, MAIN_INPUTS, PIXELS_PER_LATENT, check_seeds, resolve_device
 from .checkset import verify_first_use
-from .latents import LATENT_CHANNELS, SCALES, InvalidLatentsError, LatentStats, denormalise, pack, validate_latents
+from .latents import (LATENT_CHANNELS, SCALES, InvalidLatentsError, LatentStats, denormalise, pack,
+                      validate_latents, value_range)
 from .noise import NOISE_MODES, CpuNoise, DeviceNoise, Noise, Seeds, chain_noise_shapes
 from .progress import ProgressCallback, Steps
 from .selection import auto_order, check_load_options, open_backend, open_decoder, runs_on
@@ -346,7 +347,7 @@ class Upscaler:
     def _require_finite(self, out: torch.Tensor, what: str, seeds: Seeds | None = None) -> None:
         """Never hand back NaN or Inf: the input passed every check, so a non-finite result is the
         backend's (an engine's overflow, a broken build), and the caller must hear it."""
-        if bool(torch.isfinite(out).all()):
+        if all(math.isfinite(v) for v in value_range(out)):
             return
         seed = "" if seeds is None else f", seed {seeds}"
         raise NonFiniteOutputError(
