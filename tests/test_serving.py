@@ -522,15 +522,16 @@ def test_a_json_request_declaring_a_huge_shape_is_refused_or_reported_as_a_crash
     assert not [pid for pid in triton if Path(f"/proc/{pid}").exists()], "tritonserver left running"
 
 
-def test_a_public_host_is_warned_about(small_artifacts):
-    """--host 0.0.0.0: a warning that other machines can reach a server that dies on some HTTP
-    requests (here the command stops at a taken port, before Triton starts)."""
+@pytest.mark.parametrize("public_http, bound", [(False, "127.0.0.1"), (True, "0.0.0.0")])
+def test_a_public_host_checks_http_where_it_binds(small_artifacts, public_http, bound):
+    """--host 0.0.0.0 keeps HTTP on loopback unless --public-http: the taken-port refusal (before
+    Triton starts, before any other output) names the address HTTP would bind."""
     with __import__("socket").socket() as taken:
         taken.bind(("0.0.0.0", 0))
         taken.listen()
         port = taken.getsockname()[1]
         done = subprocess.run([sys.executable, "-m", "runtime.serve", str(small_artifacts), "--host", "0.0.0.0",
-                               "--http-port", str(port)],
+                               "--http-port", str(port), *(["--public-http"] if public_http else [])],
                               cwd=ROOT, env=service_environment(), capture_output=True, text=True, timeout=60, check=False)
-    assert done.returncode == 1 and f"--http-port {port} on 0.0.0.0 is in use" in done.stderr, done.stderr
-    assert done.stdout.startswith("warning: --host 0.0.0.0 lets other machines reach the server"), done.stdout
+    assert done.returncode == 1 and f"--http-port {port} on {bound} is in use" in done.stderr, done.stderr
+    assert done.stdout == ""
