@@ -42,7 +42,7 @@ from engines.cli import int_in_range, run_cli
 from engines.manifest import CPU_INT8, ManifestError, load_manifest
 from engines.targets import target_for_device
 from engines.files import OutputPathError, atomic_output, check_output_file
-from runtime.upscale_pass import TIMESTEP
+from runtime.upscale_pass import timesteps, x0_from_velocity
 from runtime.numerics import full_fp32
 from runtime.tiling import decode_tiled
 
@@ -164,7 +164,7 @@ class Models:
 def _inputs(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
     generator = torch.Generator(device).manual_seed(0)
     return {
-        name: torch.full(shape, TIMESTEP, dtype=dtype, device=device) if name == "timestep"
+        name: timesteps(shape[0], device).to(dtype) if name == "timestep"
         else torch.randn(shape, generator=generator, device=device).to(dtype)
         for name, shape in shapes.items()
     }
@@ -210,7 +210,7 @@ class EagerRunner:
             def run():
                 cond = encoder(*x.values())
                 noise = torch.randn((1, 32, high, high), device=self.device)
-                return noise - body(noise.to(self.dtype), *cond).float()
+                return x0_from_velocity(noise, body(noise.to(self.dtype), *cond))
 
             return torch.inference_mode()(run)
         if component == "vae_decoder":
@@ -314,7 +314,7 @@ class RuntimeRunner:
             raise Skip(f"{component} at {side}x{side} latent pixels is outside the folder's profiles")
         fp32 = {"latents_small", "timestep", "sample"}
         inputs = {
-            name: (torch.full(shape, TIMESTEP, device=self.device) if name == "timestep"
+            name: (timesteps(shape[0], self.device) if name == "timestep"
                    else torch.randn(shape, device=self.device).to(torch.float32 if name in fp32 else precision))
             for name, shape in shapes.items()
         }

@@ -26,6 +26,7 @@ from engines.cli import SEED_RANGE, int_in_range, run_cli
 from engines.errors import FlowUpscalerError
 from engines.files import OutputPathError, atomic_output, check_output_file
 from runtime.backends import OnnxRuntimeBackend
+from runtime.metrics import difference
 from runtime.noise import CpuNoise
 from runtime.numerics import full_fp32
 from runtime.upscale_pass import run_pass
@@ -127,12 +128,12 @@ def measure(
         with torch.inference_mode(), full_fp32():  # the reference and its decoder in IEEE fp32
             reference = reference_upscale(unet, latents, scale=2, seed=seed + index)
             got = run_pass(run, latents.to(device), CpuNoise(seed + index, device)).cpu()
-            diff = (got.double() - reference.double())
+            figures = difference(got, reference)
             sample = {
                 "shape": list(latents.shape[2:]),
-                "rel_l2": float(diff.norm() / reference.double().norm()),
-                "max_abs": float(diff.abs().max()),
-                "finite": bool(torch.isfinite(got).all()),
+                "rel_l2": figures.rel_l2,
+                "max_abs": figures.max_abs,
+                "finite": figures.finite,
                 "psnr_db": None,
             }
             if decoder is not None and sample["finite"]:

@@ -174,13 +174,13 @@ def _named(model: onnx.ModelProto) -> onnx.ModelProto:
 def calibration_inputs(component: str, models, calibration: CalibrationSet, seed: int = 0) -> list[dict[str, np.ndarray]]:
     """Each sample's fp32 inputs of ``component`` in one pass: the eager encoder feeds the U-Net."""
     from export.onnx.components import COMPONENTS as SPECS
-    from runtime.upscale_pass import TIMESTEP
+    from runtime.upscale_pass import timesteps
     from runtime.noise import CpuNoise
 
     encoder = SPECS["cond_encoder"].module(models)
     feeds = []
     for index, latents in enumerate(calibration.samples):
-        timestep = torch.full((latents.shape[0],), TIMESTEP)
+        timestep = timesteps(latents.shape[0])
         if component == "cond_encoder":
             feeds.append({"latents_small": latents.numpy(), "timestep": timestep.numpy()})
             continue

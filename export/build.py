@@ -26,6 +26,7 @@ from engines.tensorrt_build import BuildOptions
 
 from calib.data import DEFAULT_SIDE, CalibrationError, add_calibration_arguments, calibration_from_args
 from calib.quantize import DEFAULT_KEEP, KEEP_GROUPS, QUANTIZED_PRECISIONS, keep_groups
+from runtime.upscale_pass import PASS_COMPONENTS
 
 from .checkpoint import CheckpointError, add_weight_arguments, load_unet, load_vae
 from .onnx.components import Models
@@ -34,7 +35,7 @@ from .pipeline.engine import EngineHost, engine_flavour
 from .pipeline.errors import BuildError
 from .pipeline.folder import check_output_folder
 from .pipeline.profiles import check_range, latent_ranges
-from .pipeline.settings import BUILD_COMPONENTS, CALIBRATION_SIZE, PASS_COMPONENTS, BuildSettings
+from .pipeline.settings import BUILD_COMPONENTS, CALIBRATION_SIZE, BuildSettings
 
 MAX_SIDE_PX = 65536  # image side: far beyond any GPU's memory, small enough to keep the maths exact
 MAX_BATCH_LIMIT = 64  # profiles are searched batch by batch down from this

@@ -27,7 +27,7 @@ from runtime.latents import (
     write_latents,
 )
 from runtime.noise import CpuNoise
-from runtime.upscale_pass import TIMESTEP
+from runtime.upscale_pass import timesteps, x0_from_velocity
 from runtime.numerics import full_fp32
 
 from .checkpoint import CheckpointError, add_weight_arguments, load_unet
@@ -53,14 +53,14 @@ def velocity(model: UpscalerUNet, sample: torch.Tensor, latents_small: torch.Ten
     validate_pass_inputs(sample, latents_small)
     if model.training:
         raise RuntimeError("the model is in training mode (dropout active); call model.eval() first")
-    timestep = torch.full((sample.shape[0],), TIMESTEP, dtype=torch.float32, device=sample.device)
+    timestep = timesteps(sample.shape[0], sample.device)
     with full_fp32():
         return model(sample=sample.float(), timestep=timestep, latents_small=latents_small.float()).float()
 
 
 def upscale_step(model: UpscalerUNet, latents_small: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """One flow-match Euler step from sigma 1 to 0: ``x0 = noise - v``, in fp32."""
-    return noise.float() - velocity(model, noise, latents_small)
+    return x0_from_velocity(noise, velocity(model, noise, latents_small))
 
 
 def upscale(

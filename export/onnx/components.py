@@ -13,7 +13,7 @@ import torch
 
 from ..models import ConditioningEncoder, VAEDecoder, VAEDecoderHead
 from ..models.components import DEFAULT_CUT, PARTS, Models, Part
-from runtime.upscale_pass import TIMESTEP
+from runtime.upscale_pass import timesteps
 
 __all__ = ["COMPONENTS", "DEFAULT_CUT", "Component", "Models"]
 
@@ -79,14 +79,14 @@ def _decoder_shapes(models: Models, batch: int, h: int, w: int) -> dict[str, tup
 
 def _cond_encoder_inputs(models: Models, batch: int, h: int, w: int, gen: torch.Generator):
     latents_small = torch.randn(batch, 32, h, w, generator=gen)
-    return latents_small, torch.full((batch,), TIMESTEP)
+    return latents_small, timesteps(batch)
 
 
 @torch.no_grad()
 def _unet_inputs(models: Models, batch: int, h: int, w: int, gen: torch.Generator):
     # Real encoder outputs, not random maps: the body is checked on the distributions it gets.
     latents_small = torch.randn(batch, 32, h // 2, w // 2, generator=gen)
-    encoded = ConditioningEncoder(models.unet)(latents_small, torch.full((batch,), TIMESTEP))
+    encoded = ConditioningEncoder(models.unet)(latents_small, timesteps(batch))
     return (torch.randn(batch, 32, h, w, generator=gen), *encoded)
 
 

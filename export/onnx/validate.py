@@ -7,11 +7,13 @@ is gated too, scaled by the reference's largest magnitude (``max_abs <= tol * ma
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from runtime.metrics import difference
 
 from .components import Component, Models
 from .exporter import example_inputs, input_dtypes, typed_module
@@ -38,17 +40,6 @@ def _feed(value: torch.Tensor) -> np.ndarray:
 
         return value.float().numpy().astype(ml_dtypes.bfloat16)
     return value.numpy()
-
-
-def output_errors(got: np.ndarray, ref: np.ndarray) -> dict[str, float]:
-    got64, ref64 = np.asarray(got, dtype=np.float64), np.asarray(ref, dtype=np.float64)
-    diff = got64 - ref64
-    return {
-        "max_abs": float(np.abs(diff).max()) if diff.size else 0.0,
-        "rel_l2": float(np.linalg.norm(diff) / max(np.linalg.norm(ref64), 1e-30)),
-        "ref_max_abs": float(np.abs(ref64).max()) if ref64.size else 0.0,
-        "finite": bool(np.isfinite(got64).all()),
-    }
 
 
 def _passes(errors: dict[str, float], tol: Tolerance) -> bool:
@@ -78,7 +69,7 @@ def _compare(component: Component, models: Models, dtype: str, sizes, run) -> tu
         got = run(list(component.outputs), typed)
         outputs = {}
         for name, value, ref in zip(component.outputs, got, expected):
-            errors = output_errors(np.asarray(value, dtype=np.float32), ref.float().numpy())
+            errors = asdict(difference(np.asarray(value, dtype=np.float32), ref.float()))
             errors["passed"] = _passes(errors, tol)
             passed &= errors["passed"]
             outputs[name] = errors

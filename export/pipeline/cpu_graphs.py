@@ -25,11 +25,12 @@ from engines.manifest import CpuGraphRecord, content_key, sha256_file
 from export.onnx.components import COMPONENTS, Models
 from export.onnx.exporter import graph_filename
 from runtime.cpu import cpu_matrix_units
+from runtime.upscale_pass import PASS_COMPONENTS
 
 from .folder import ONNX_DIR, ArtifactFolder
 from .graph import toolkit_facts
 from .progress import StageLog
-from .settings import PASS_COMPONENTS, BuildSettings
+from .settings import BuildSettings
 from .weights import public_config
 
 GATED = "cpu-int8 graphs on onnxruntime (cpu), the whole pass against fp32 eager at bf16's limits"

@@ -10,6 +10,7 @@ from calib.quantize import QUANTIZED_PRECISIONS
 from engines.manifest import ComponentRecord, EngineRecord, Manifest
 from engines.profiles import Profile
 from export.onnx.components import COMPONENTS, Models
+from runtime.upscale_pass import PASS_COMPONENTS
 
 from .checkset import MakeCheckSet
 from .cpu_graphs import QuantizeCpuGraphs
@@ -23,7 +24,7 @@ from .manifest import WriteManifest
 from .profiles import DeriveProfiles, check_range
 from .progress import StageLog
 from .quantize import QuantizeGraphs
-from .settings import PASS_COMPONENTS, BuildSettings
+from .settings import BuildSettings
 from .weights import weight_digests
 
 

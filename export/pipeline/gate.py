@@ -14,13 +14,14 @@ import torch
 from calib.accuracy import graphs_run, measure
 from engines.manifest import ComponentRecord
 from export.onnx.components import COMPONENTS, Models
+from runtime.upscale_pass import PASS_COMPONENTS
 
 from .engine import EngineHost
 from .errors import BuildError
 from .folder import ArtifactFolder
 from .profiles import PIXELS_PER_LATENT, latent_ranges
 from .progress import StageLog
-from .settings import PASS_COMPONENTS, BuildSettings
+from .settings import BuildSettings
 
 CPU_GATE_PRECISIONS = ("fp32", "fp16")  # what ONNX Runtime's CPU provider runs
 GATED_GRAPHS = "onnx graphs on onnxruntime (cpu)"

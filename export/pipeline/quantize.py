@@ -15,13 +15,13 @@ from calib.quantize import QuantizationError, quantize_components
 from engines.manifest import content_key, sha256_file
 from export.onnx.components import COMPONENTS, Models
 from export.onnx.exporter import graph_filename
+from runtime.upscale_pass import PASS_COMPONENTS
 
 from .errors import BuildError
 from .folder import ONNX_DIR, ArtifactFolder
 from .gate import GATED_GRAPHS
 from .graph import GraphArtifact, toolkit_facts
 from .progress import StageLog
-from .settings import PASS_COMPONENTS
 from .weights import public_config
 
 

@@ -11,7 +11,6 @@ from engines.targets import Target
 from engines.tensorrt_build import BuildOptions
 
 BUILD_COMPONENTS = ("cond_encoder", "unet", "vae_decoder")
-PASS_COMPONENTS = ("cond_encoder", "unet")
 CALIBRATION_SIZE = 4  # samples: the gate runs each through the fp32 eager model and the graphs
 
 
