@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 PASS = "pass"  # the whole pass's entry in the results, beside the components
 # Every stored case runs this many times in a row, each call compared. TensorRT's backend runs a
 # shape's first call plainly, its second plainly and then captures a CUDA graph, and replays the
-# graph from the third (runtime.tensorrt_backend); torch.compile's reduce-overhead mode records on
+# graph from the third (runtime.backends.tensorrt); torch.compile's reduce-overhead mode records on
 # the second call and replays from the third too. Elsewhere the later calls show that repeated
 # calls at one shape agree with the first (the third keeps its name).
 CALLS = ("first call", "second call", "replayed call")

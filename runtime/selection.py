@@ -19,7 +19,6 @@ import torch
 
 from engines.manifest import Manifest, cpu_graphs_unusable
 
-from . import tensorrt_backend  # noqa: F401  (registers the tensorrt backend)
 from .backends import COMPILE_MODES, TORCH_PRECISIONS, Backend, BackendUnavailable
 from .backends.onnxruntime import CPU_GRAPHS
 from .backends.registry import OpenRequest, names, spec

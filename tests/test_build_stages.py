@@ -144,7 +144,7 @@ def test_the_check_set_key_ignores_the_gate_and_the_runtime_backends(repo, keys)
     before = keys()["export.pipeline.checkset"]
     for edited in ("calib/accuracy.py", "calib/quantize.py", "runtime/upscaler.py", "runtime/selection.py",
                    "runtime/backends/onnxruntime.py", "runtime/backends/pytorch.py",
-                   "runtime/tensorrt_backend.py", "export/pipeline/settings.py", "export/pipeline/gate.py"):
+                   "runtime/backends/tensorrt.py", "export/pipeline/settings.py", "export/pipeline/gate.py"):
         _edit(repo / edited)
     assert keys()["export.pipeline.checkset"] == before
 

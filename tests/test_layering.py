@@ -111,7 +111,7 @@ def test_the_source_parser_sees_lazy_imports_and_relative_ones():
     assert imports["export.models.weights_record"] is False  # inside TorchBackend.__init__
     assert imports["runtime.upscale_pass"] is True and imports["engines.manifest"] is True  # "..", then absolute
     assert imports["runtime.backends.registry"] is True  # "."
-    assert dict(_imports("runtime.tensorrt_backend"))["runtime.tensorrt_rtx"] is False  # lazy, at the first engine
+    assert dict(_imports("runtime.backends.tensorrt"))["runtime.backends.tensorrt_rtx"] is False  # lazy, at the first engine
 
 
 def test_engines_imports_nothing_above_it():

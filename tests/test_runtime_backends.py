@@ -11,7 +11,7 @@ from engines.manifest import load_manifest
 from engines.tensorrt_build import tensorrt_version
 from runtime import BackendUnavailable, Upscaler
 from runtime.cpu import cpu_matrix_units
-from runtime.tensorrt_backend import TensorRTBackend
+from runtime.backends.tensorrt import TensorRTBackend
 
 
 @pytest.mark.skipif(tensorrt_version() is not None, reason="checks the message given without TensorRT")

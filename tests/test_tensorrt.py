@@ -177,7 +177,7 @@ def test_inputs_of_the_wrong_type_or_device_are_refused(engines_folder):
 
 def test_launches_are_bounded_and_counted(engines_folder):
     from runtime import Upscaler
-    from runtime.tensorrt_backend import MAX_LAUNCHES
+    from runtime.backends.tensorrt import MAX_LAUNCHES
 
     with Upscaler.load(engines_folder, backend="tensorrt", device="cuda") as upscaler:
         base = upscaler.memory_bytes()

@@ -62,7 +62,7 @@ def test_lists_cover_tensorrt_10_and_11():
 def test_collector_finds_our_tensorrt_code(usage):
     """A broken collector or a module escaping discovery must not pass as 'nothing missing'."""
     modules = {p.relative_to(ROOT).as_posix() for p in tensorrt_modules()}
-    assert {"engines/tensorrt_build.py", "runtime/tensorrt_backend.py"} <= modules
+    assert {"engines/tensorrt_build.py", "runtime/backends/tensorrt.py"} <= modules
     assert usage.problems == [], "TensorRT modules break the naming convention of tests/tensorrt_api.py:\n" + "\n".join(usage.problems)
     expected = {
         "deserialize_cuda_engine", "create_execution_context", "USER_MANAGED", "set_input_shape", "execute_async_v3",
@@ -186,7 +186,7 @@ def test_polygraphy_check_catches_a_wrong_keyword(tmp_path):
 
 def test_collector_finds_the_code_tensorrt_rtx_runs():
     modules = {p.relative_to(ROOT).as_posix() for p in tensorrt_rtx_modules()}
-    assert {"engines/tensorrt_rtx_build.py", "runtime/tensorrt_rtx.py", "runtime/tensorrt_backend.py",
+    assert {"engines/tensorrt_rtx_build.py", "runtime/backends/tensorrt_rtx.py", "runtime/backends/tensorrt.py",
             "engines/tensorrt_build.py"} <= modules, modules
     usage = used_names([ROOT / m for m in modules])
     assert usage.problems == []

@@ -391,7 +391,7 @@ def test_an_engine_tensorrt_rtx_cannot_check_for_want_of_a_driver_says_check_the
     """Without a usable driver TensorRT-RTX still makes a runtime, logs cudaError 35 and calls every
     engine invalid with no diagnostic bit: the refusal must point at the driver, not at a rebuild."""
     from runtime import BackendUnavailable as Unavailable
-    from runtime.tensorrt_rtx import plan_problem
+    from runtime.backends.tensorrt_rtx import plan_problem
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a working CUDA driver: TensorRT-RTX can check the engine here")

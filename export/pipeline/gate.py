@@ -82,7 +82,7 @@ class GatePass:
         """Run the calibration pass through the engines; on any failure delete what this build
         wrote that the previous manifest does not name."""
         from runtime.backends import BackendUnavailable
-        from runtime.tensorrt_backend import TensorRTBackend
+        from runtime.backends.tensorrt import TensorRTBackend
 
         precision, calibration = self.settings.precision, self.settings.calibration_set()
         start = time.perf_counter()

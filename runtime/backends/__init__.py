@@ -6,9 +6,9 @@
   the folder's int8 CPU graphs).
 - ``pytorch``: the eager or compiled models rebuilt from the folder's weights.
 - ``decoder_elsewhere``: the pass on one backend, the decoder on another.
-- ``runtime.tensorrt_backend`` (with ``runtime.tensorrt_rtx``): the folder's TensorRT engines.
+- ``tensorrt`` (with ``tensorrt_rtx``, its TensorRT-RTX parts): the folder's TensorRT engines, either flavour.
 
-Importing a backend module registers it; ``runtime.selection`` imports the built-in ones (TensorRT's too).
+Importing a backend module registers it; importing this package registers the built-in ones.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from .base import Backend, BackendUnavailable, OwnStream, Tensors
 from .decoder_elsewhere import DecoderElsewhere
 from .onnxruntime import OnnxRuntimeBackend, require_provider, tensorrt_provider_options
 from .pytorch import COMPILE_MODES, TORCH_PRECISIONS, TorchBackend
+from .tensorrt import TensorRTBackend
 
 __all__ = ["COMPILE_MODES", "TORCH_PRECISIONS", "Backend", "BackendUnavailable", "DecoderElsewhere",
-           "OnnxRuntimeBackend", "OwnStream", "Tensors", "TorchBackend", "require_provider",
+           "OnnxRuntimeBackend", "OwnStream", "Tensors", "TensorRTBackend", "TorchBackend", "require_provider",
            "tensorrt_provider_options"]

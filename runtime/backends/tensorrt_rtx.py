@@ -81,7 +81,7 @@ def _driver_problem(trt, why: str) -> Exception:
     """The refusal for an engine that the driver or CUDA, not the build, keeps from running."""
     from importlib.metadata import packages_distributions
 
-    from . import BackendUnavailable
+    from .base import BackendUnavailable
 
     package = ", ".join(packages_distributions().get(trt.__name__, [])) or trt.__name__
     return BackendUnavailable(

@@ -2,9 +2,9 @@
 
 - Both flavours (engines.flavours): TensorRT 10/11 and TensorRT-RTX engines run through this one
   backend. They differ in how an engine's contexts are made (TensorRT-RTX: a runtime
-  configuration with its runtime cache, ``runtime.tensorrt_rtx``) and in a validity check of the
+  configuration with its runtime cache, ``runtime.backends.tensorrt_rtx``) and in a validity check of the
   plan before it is deserialised; those calls sit in ``_ClassicRunSettings`` and
-  ``runtime.tensorrt_rtx.RtxRunSettings``, everything else is shared.
+  ``runtime.backends.tensorrt_rtx.RtxRunSettings``, everything else is shared.
 - ``from_folder`` checks the manifest against the running flavour, its version and the GPU before
   any engine loads; the constructor takes engine files directly (the build gates fresh engines
   that way, before their manifest exists).
@@ -46,9 +46,9 @@ from engines.flavours import TENSORRT, TENSORRT_RTX, get_flavour
 from engines.manifest import ManifestError, load_manifest, read_manifest
 from engines.profiles import Profile, select_profile
 
-from .backends import Backend, BackendUnavailable, OwnStream, Tensors
-from .backends.registry import BackendSpec, OpenRequest, register
-from .cache import cache_dir
+from ..cache import cache_dir
+from .base import Backend, BackendUnavailable, OwnStream, Tensors
+from .registry import BackendSpec, OpenRequest, register
 
 logger = logging.getLogger(__name__)
 
