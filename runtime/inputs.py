@@ -29,7 +29,7 @@ from .latents import (
     validate_latents,
 )
 from .noise import Seeds
-from .tiling import decode_bytes
+from .tiling import decode_bytes, decode_tile
 
 DECODER = "vae_decoder"
 MAIN_INPUTS = {"cond_encoder": "latents_small", "unet": "sample", DECODER: "latents"}
@@ -247,11 +247,6 @@ def check_range(folder: Path, manifest: Manifest, component: str, name: str, sha
     )
 
 
-def decode_tile(manifest: Manifest) -> int:
-    """The decoder's tile side: the largest its first profile takes."""
-    return max(manifest.components[DECODER].profiles[0].max["latents"][2:])
-
-
 def decode_memory_bytes(manifest: Manifest, batch: int, height: int, width: int,
                         new_latents: bool = False) -> tuple[int, int]:
     """(bytes the decode of [batch, 32, height, width] latents allocates for its images,
@@ -260,7 +255,7 @@ def decode_memory_bytes(manifest: Manifest, batch: int, height: int, width: int,
     folder's memory estimate of the vae_decoder profile (at its largest tile and batch)."""
     estimates = manifest.components[DECODER].memory_estimate_bytes
     latents = 4 * batch * LATENT_CHANNELS * height * width if new_latents else 0
-    return latents + decode_bytes(batch, height, width, decode_tile(manifest)), max(estimates, default=0)
+    return latents + decode_bytes(batch, height, width, decode_tile(manifest.components[DECODER])), max(estimates, default=0)
 
 
 def check_decode_shape(folder: Path, manifest: Manifest, batch: int, height: int, width: int) -> None:

@@ -14,6 +14,21 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from engines.manifest import ComponentRecord
+
+OVERLAP_DIVISOR = 4  # neighbouring tiles share a quarter of a tile: ramps long enough for seams to fade
+
+
+def decode_tile(decoder: ComponentRecord) -> int:
+    """The decode's tile side in latent pixels: the largest the decoder's first profile takes (every
+    build has a first profile), so each tile runs on a profile the folder holds."""
+    return max(decoder.profiles[0].max["latents"][2:])
+
+
+def tile_overlap(tile: int) -> int:
+    """How many latent pixels neighbouring tiles of side ``tile`` share."""
+    return tile // OVERLAP_DIVISOR
+
 
 def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
     """Start offsets of tiles of ``tile`` covering ``size``, stepping by ``tile - overlap``."""

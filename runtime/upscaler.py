@@ -44,12 +44,11 @@ from .latents import (LATENT_CHANNELS, SCALES, InvalidLatentsError, LatentStats,
 from .noise import NOISE_MODES, CpuNoise, DeviceNoise, Noise, Seeds, chain_noise_shapes
 from .progress import ProgressCallback, Steps
 from .selection import auto_order, check_load_options, open_backend, open_decoder, runs_on
-from .tiling import decode_tiled, tile_count
+from .tiling import decode_tile, decode_tiled, tile_count, tile_overlap
 from .upscale_pass import PASS_COMPONENTS, run_pass
 
 logger = logging.getLogger(__name__)
 
-TILE_OVERLAP_FRACTION = 4  # overlap = tile / 4
 LOAD_ATTEMPTS = 3  # loads of a folder whose manifest a finishing build replaced meanwhile
 
 
@@ -299,7 +298,7 @@ class Upscaler:
         self._check_decode_memory(batch, height, width, new_latents)
 
     def _decode_tile(self) -> int:
-        return inputs.decode_tile(self.manifest)
+        return decode_tile(self.manifest.components[DECODER])
 
     def decode_memory_bytes(self, batch: int, height: int, width: int, new_latents: bool = False) -> tuple[int, int]:
         """(bytes the decode's images take, bytes one tile's decode works in): ``runtime.inputs.decode_memory_bytes``."""
@@ -359,7 +358,7 @@ class Upscaler:
     def decode_tiles(self, height: int, width: int) -> int:
         """How many tiles the decode of [B, 32, height, width] latents runs (the progress steps it reports)."""
         tile = self._decode_tile()
-        return tile_count(height, width, tile, tile // TILE_OVERLAP_FRACTION)
+        return tile_count(height, width, tile, tile_overlap(tile))
 
     def _decode(self, latents: torch.Tensor, steps: Steps) -> torch.Tensor:
         tile = self._decode_tile()
@@ -367,7 +366,7 @@ class Upscaler:
         def run(tile_latents: torch.Tensor) -> torch.Tensor:
             return self.backend.run(DECODER, {"latents": tile_latents.contiguous()})["image"]
 
-        return decode_tiled(run, latents, tile, tile // TILE_OVERLAP_FRACTION, PIXELS_PER_LATENT, steps.advance)
+        return decode_tiled(run, latents, tile, tile_overlap(tile), PIXELS_PER_LATENT, steps.advance)
 
     def upscale(
         self,
