@@ -172,8 +172,9 @@ def test_a_public_host_gets_grpc_only(small_artifacts):
         assert (_reachable(host, ports.grpc), _reachable(host, ports.http), _reachable(host, ports.metrics)) == (
             True, False, False)
         assert (_reachable(LOOPBACK, ports.http), _reachable(LOOPBACK, ports.metrics)) == (True, True)
-        assert any(f"gRPC {host}:{ports.grpc} is reachable from other machines; HTTP 127.0.0.1:{ports.http} and metrics "
-                   f"127.0.0.1:{ports.metrics} from this machine only" in line for line in output.lines), output.lines
+        exposure = (f"gRPC {host}:{ports.grpc} is reachable from other machines; HTTP 127.0.0.1:{ports.http} and metrics "
+                    f"127.0.0.1:{ports.metrics} from this machine only")
+        assert output.wait_for(exposure, 10), output.lines  # printed just after the ready line
         request = service_pb2.ModelInferRequest(model_name=MODEL_NAME)
         for name, datatype, shape, values in (("latents", "FP32", [1, 32, 100000, 100000], np.zeros(1, np.float32)),
                                               ("scale", "INT32", [1, 1], np.full(1, 2, np.int32)),
