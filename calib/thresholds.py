@@ -17,7 +17,7 @@ class Thresholds:
 
 
 # Worst sample over the calibration set, output latent of one pass. Measured on the CPU (ONNX Runtime,
-# random weights, seeded-noise calibration; README "Calibration"): fp16 full size rel-L2 2.7e-4;
+# random weights, seeded-noise calibration; calib/README.md, "Calibration sets"): fp16 full size rel-L2 2.7e-4;
 # int8 0.023 full size, 0.026 small (40 dB decoded, small VAE); fp8 0.069 / 0.091 (28 dB). Limits
 # leave about 2x headroom over int8/fp8, more over fp16; bf16 is unmeasured on the CPU.
 THRESHOLDS = {

@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Upscaler.upscale(latents, scale, seed=[its seeds]) with the same backend, whatever it is batched with."
         ),
         epilog="Runs the tritonserver bundled with nvidia-pytriton (the serve extra). GPU deployments: write the "
-        "repository with --device cuda --write-repository DIR and run it in NGC's tritonserver container (README).",
+        "repository with --device cuda --write-repository DIR and run it in NGC's tritonserver container (runtime/README.md, Serving).",
     )
     parser.add_argument("artifacts", type=Path, help="artifact folder (with manifest.json) from python -m export.build")
     parser.add_argument("--backend", choices=BACKENDS, default="auto", help="runtime backend of every instance (default: auto)")
@@ -187,7 +187,7 @@ def _exposure(host: str, hosts: Hosts, listening: dict[str, str]) -> str:
         return (f"warning: --public-http: HTTP {listening['HTTP']} and metrics {listening['metrics']} are reachable "
                 "from other machines, and one crafted HTTP/JSON request (a huge declared shape) aborts the bundled "
                 "Triton 2.51 (it is restarted; requests in flight are lost); let untrusted clients reach gRPC only, or "
-                "HTTP only through a gateway (README: Serving)")
+                "HTTP only through a gateway (runtime/README.md, Serving)")
     return (f"gRPC {listening['gRPC']} is reachable from other machines; HTTP {listening['HTTP']} and metrics "
             f"{listening['metrics']} from this machine only (the bundled Triton 2.51 aborts on one crafted HTTP/JSON "
             "request; --public-http publishes them at that risk)")
