@@ -170,7 +170,7 @@ def test_tiles_cover_the_image_and_stay_inside_it():
 
 def test_tiled_decode_stays_within_the_documented_distance_of_the_whole(models):
     # The decoder's GroupNorm statistics and mid-block attention are global, so tiles cannot be
-    # exact; blending overlaps must keep them close. Bound documented in README (Runtime).
+    # exact; blending overlaps must keep them close. Bound documented in runtime/README.md (Noise, threads, decoding).
     decoder = VAEDecoder(models.vae).eval()
     z = _latents(1, 32, 96, 80, seed=4)
     with torch.no_grad():
