@@ -177,6 +177,16 @@ class _StoredNoise(Noise):
         return self._noise.to(latents_small.device)
 
 
+def _refuse_other_layout(folder: Path, manifest: Manifest) -> None:
+    """Raise ``CheckSetError`` unless the folder's check set has the layout this runtime reads: an
+    older one holds too little (the first profile's smallest shape) to vouch for the engines."""
+    record = manifest.check_set
+    if record is not None and record.version != CheckSetRecord.VERSION:
+        raise CheckSetError(f"the check set {record.file} of {folder} has layout version {record.version}; this "
+                            f"runtime reads version {CheckSetRecord.VERSION} (every profile's smallest and largest shapes); "
+                            f"rebuild with: {manifest.rebuild_command}")
+
+
 def read_check_set(folder: Path, manifest: Manifest) -> dict[str, torch.Tensor]:
     """The check set's tensors, refused unless the file is the one the manifest names (sha256), in
     the layout this runtime reads."""
@@ -184,10 +194,7 @@ def read_check_set(folder: Path, manifest: Manifest) -> dict[str, torch.Tensor]:
     rebuild = manifest.rebuild_command
     if record is None:
         raise CheckSetError(f"{folder} has no check set (built before check sets were stored); rebuild with: {rebuild}")
-    if record.version != CheckSetRecord.VERSION:
-        raise CheckSetError(f"the check set {record.file} of {folder} has layout version {record.version}; this "
-                            f"runtime reads version {CheckSetRecord.VERSION} (every profile's smallest and largest shapes); "
-                            f"rebuild with: {rebuild}")
+    _refuse_other_layout(folder, manifest)
     path = Path(folder) / record.file
     if not path.is_file():
         raise CheckSetError(f"the check set {record.file} named in the manifest is missing from {folder}; "
@@ -244,6 +251,27 @@ def _coverage(component: str, entry: dict) -> list[str]:
                     for profile, why in entry["not_stored"].items()]
 
 
+def _stored_case(tensors: dict[str, torch.Tensor], component: str, case: dict,
+                 outputs: list[str]) -> tuple[str, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One case of ``component`` as the file holds it: its main input and shape (for messages), its
+    inputs and its expected outputs; a ``KeyError`` names what the file lacks."""
+    prefix = f"{component}/{case['name']}"
+    return (_shape(*next(iter(case["inputs"].items()))),
+            {n: tensors[f"{prefix}/inputs/{n}"] for n in case["inputs"]},
+            {n: tensors[f"{prefix}/outputs/{n}"] for n in outputs})
+
+
+def _spoil(outputs: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor]) -> None:
+    """Fill outputs already compared with NaN. A backend may hand back the same buffers on every
+    call at a shape (TensorRT's launches do); a later call that writes nothing into them (a
+    replayed CUDA graph that recorded no work) would otherwise pass on the previous call's values.
+    An output sharing memory with an input is left alone: it feeds the next call."""
+    fed = {t.untyped_storage().data_ptr() for t in inputs.values()}
+    for tensor in outputs.values():
+        if tensor.is_floating_point() and tensor.untyped_storage().data_ptr() not in fed:
+            tensor.fill_(float("nan"))
+
+
 @torch.inference_mode()
 def run_check_set(backend: Backend, folder: str | Path, manifest: Manifest) -> CheckResult:
     """Run the folder's check set through ``backend`` (see the module docstring): every case of
@@ -263,27 +291,31 @@ def run_check_set(backend: Backend, folder: str | Path, manifest: Manifest) -> C
             except BackendUnavailable as exc:
                 result.not_run[component] = str(exc)
                 continue
-            where = "its check set entry"
             try:
                 result.coverage += _coverage(component, entry)
                 precision, limits = _limits(entry, backend.run_precision(component), result.notes, component)
-                for case in entry["cases"]:
-                    prefix = f"{component}/{case['name']}"
-                    where = _shape(*next(iter(case["inputs"].items())))
-                    inputs = {n: _fed(tensors[f"{prefix}/inputs/{n}"], n, produced, device) for n in case["inputs"]}
-                    checks = {n: OutputCheck(component, n, precision, limits[n], where) for n in entry["outputs"]}
-                    for call in CALLS:
-                        outputs = backend.run(component, inputs)
-                        for name, check in checks.items():
-                            produced[name] = outputs[name].dtype
-                            expected = tensors[f"{prefix}/outputs/{name}"]
-                            check.calls.append(_compare(call, outputs[name].float(), expected))
-                    result.outputs += checks.values()
+                limits = {n: limits[n] for n in entry["outputs"]}
+                stored = [_stored_case(tensors, component, case, entry["outputs"]) for case in entry["cases"]]
             except KeyError as exc:
                 raise CheckSetError(f"the check set {record.file} lacks {exc} for {component}; rebuild with: "
                                     f"{manifest.rebuild_command}") from exc
+            at = "its first case"
+            try:
+                for where, inputs, expected in stored:
+                    inputs = {n: _fed(t, n, produced, device) for n, t in inputs.items()}
+                    checks = {n: OutputCheck(component, n, precision, limits[n], where) for n in limits}
+                    for call in CALLS:
+                        at = f"{where}, {call}"
+                        outputs = backend.run(component, inputs)
+                        for name, check in checks.items():
+                            if name not in outputs:
+                                raise RuntimeError(f"the backend returned no output {name}")
+                            produced[name] = outputs[name].dtype
+                            check.calls.append(_compare(call, outputs[name].float(), expected[name]))
+                        _spoil(outputs, inputs)
+                    result.outputs += checks.values()
             except (RuntimeError, ValueError, TypeError) as exc:  # the backend's own failures
-                result.errors[component] = f"at {where}: " + (" ".join(str(exc).split())[:300] or type(exc).__name__)
+                result.errors[component] = f"at {at}: " + (" ".join(str(exc).split())[:300] or type(exc).__name__)
         whole = record.whole_pass
         ran = {c for c in record.components if c not in result.not_run and c not in result.errors}
         if whole and set(PASS_COMPONENTS) <= ran:
@@ -356,6 +388,10 @@ def _verify(backend: Backend, folder: Path, manifest: Manifest, identity: dict) 
         logger.warning("%s has no check set (built before check sets were stored): the %s engines are used "
                        "unchecked; rebuild to add one: %s", folder, backend.name, manifest.rebuild_command)
         return
+    try:  # before the cache: a verdict an older layout gave covers too little to be trusted now
+        _refuse_other_layout(folder, manifest)
+    except CheckSetError as exc:
+        raise EngineCheckFailed(f"the {backend.name} engines cannot be checked: {exc}") from exc
     path = verdict_path(identity, record.sha256, folder)
     verdict = _cached_verdict(path, identity, record.sha256)
     where = f"cached verdict {path}; delete it to check again"
