@@ -39,9 +39,11 @@ import torch
 
 from calib.quantize import FLOAT_PART
 from engines.cli import int_in_range, run_cli
-from engines.manifest import CPU_INT8, ManifestError, load_manifest
+from engines.errors import FlowUpscalerError
+from engines.manifest import CPU_INT8, load_manifest
 from engines.targets import target_for_device
-from engines.files import OutputPathError, atomic_output, check_output_file
+from engines.files import atomic_output, check_output_file
+from runtime import InvalidArgumentError
 from runtime.upscale_pass import timesteps, x0_from_velocity
 from runtime.numerics import full_fp32
 from runtime.tiling import decode_tiled
@@ -82,6 +84,10 @@ class Skip(Exception):
     """A backend or row that cannot run here; the message is recorded in the output."""
 
 
+class NothingMeasured(FlowUpscalerError, RuntimeError):
+    """Every row was skipped here: a table of nothing is no result, so no file is written."""
+
+
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
@@ -119,7 +125,7 @@ def time_call(fn: Callable[[], object], device: torch.device, runs: int, warmup:
 
 def _latent_sides(size: int) -> tuple[int, int]:
     if size % 32:
-        raise SystemExit(f"error: sizes must be multiples of 32 px (got {size})")
+        raise InvalidArgumentError(f"sizes must be multiples of 32 px (got {size})")
     return size // 16, size // 8
 
 
@@ -654,7 +660,7 @@ def _nothing_to_measure(args: argparse.Namespace) -> str | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
+def latency_command(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -666,27 +672,27 @@ def main(argv: list[str] | None = None) -> int:
     if nothing:
         parser.error(f"nothing to measure: {nothing}")
     args.command = "python -m benchmarks.latency " + shlex.join(sys.argv[1:] if argv is None else argv)
-    try:
-        if args.json:
-            check_output_file(args.json, "--json", protected=args.artifacts)
-        if args.markdown:
-            check_output_file(args.markdown, "--markdown", protected=args.artifacts)
-        if args.plot:
-            check_output_file(args.plot, "--plot", protected=args.artifacts)
-        load_manifest(args.artifacts)
-    except (ManifestError, OutputPathError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    if args.json:
+        check_output_file(args.json, "--json", protected=args.artifacts)
+    if args.markdown:
+        check_output_file(args.markdown, "--markdown", protected=args.artifacts)
+    if args.plot:
+        check_output_file(args.plot, "--plot", protected=args.artifacts)
+    load_manifest(args.artifacts)
     result = run_benchmark(args)
-    if not result["rows"]:  # every row skipped here (the reasons were printed): a table of nothing is no result
-        print(f"error: nothing was measured: every row was skipped ({len(result['skipped'])} skips, reasons "
-              "above); no file was written", file=sys.stderr)
-        return 1
+    if not result["rows"]:  # the reasons of the skips were printed
+        raise NothingMeasured(f"nothing was measured: every row was skipped ({len(result['skipped'])} skips, "
+                              "reasons above); no file was written")
     write_report(result, markdown(result), args.json, args.markdown)
     if args.plot:
         plot(result, args.plot)
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Run the command as on the command line: refusals are one ``error:`` line and exit 1."""
+    return run_cli(latency_command, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(main())

@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 
 from engines.cli import int_in_range, run_cli
-from engines.files import OutputPathError, check_output_file
-from engines.manifest import Manifest, ManifestError, load_manifest
+from engines.files import check_output_file
+from engines.manifest import Manifest, load_manifest
 from engines.memory import GraphMemoryModel, MemoryEstimateError
 from engines.profiles import select_profile
 from runtime.latents import LATENT_CHANNELS, SCALES, InvalidLatentsError
@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def memory_command(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -272,19 +272,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.input_px <= 0 or args.input_px % 16:
         parser.error(f"--input-px must be a positive multiple of 16 px, got {args.input_px}")
     args.command = "python -m benchmarks.memory " + shlex.join(sys.argv[1:] if argv is None else argv)
-    try:
-        if args.json:
-            check_output_file(args.json, "--json", protected=args.artifacts)
-        if args.markdown:
-            check_output_file(args.markdown, "--markdown", protected=args.artifacts)
-        load_manifest(args.artifacts)
-    except (ManifestError, OutputPathError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    if args.json:
+        check_output_file(args.json, "--json", protected=args.artifacts)
+    if args.markdown:
+        check_output_file(args.markdown, "--markdown", protected=args.artifacts)
+    load_manifest(args.artifacts)
     result = run_benchmark(args)
     write_report(result, markdown(result), args.json, args.markdown)
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Run the command as on the command line: refusals are one ``error:`` line and exit 1."""
+    return run_cli(memory_command, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(main())

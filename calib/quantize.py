@@ -52,9 +52,8 @@ from engines.logs import quiet_logger
 from engines.targets import PRESETS, TargetError
 from export.checkpoint import add_weight_arguments
 
-from .accuracy import AccuracyGateError, AccuracyReport, graphs_run, measure
+from .accuracy import AccuracyReport, graphs_run, measure
 from .data import (
-    CalibrationError,
     CalibrationSet,
     add_calibration_arguments,
     calibration_from_args,
@@ -369,7 +368,7 @@ def keep_groups(text: str) -> list[str]:
     return groups
 
 
-def main(argv: list[str] | None = None) -> int:
+def quantize_command(argv: list[str] | None = None) -> int:
     from export.checkpoint import load_unet, load_vae
     from export.onnx.components import Models
 
@@ -384,16 +383,12 @@ def main(argv: list[str] | None = None) -> int:
             PRESETS[args.target].check_precision(args.precision)
         except TargetError as exc:
             parser.error(str(exc))
-    try:
-        calibration = calibration_from_args(args)
-        models = Models(unet=load_unet(args.checkpoint, random_weights=args.random_weights, seed=args.seed))
-        if args.decoded_psnr:
-            models.vae = load_vae(args.vae, random_weights=args.random_weights, seed=args.seed)
-        print(f"calibration: {calibration.describe()['source']}, {len(calibration.samples)} sample(s)")
-        results, report = quantize_components(models, args.precision, calibration, args.out, args.keep, args.seed)
-    except (CalibrationError, QuantizationError, AccuracyGateError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    calibration = calibration_from_args(args)
+    models = Models(unet=load_unet(args.checkpoint, random_weights=args.random_weights, seed=args.seed))
+    if args.decoded_psnr:
+        models.vae = load_vae(args.vae, random_weights=args.random_weights, seed=args.seed)
+    print(f"calibration: {calibration.describe()['source']}, {len(calibration.samples)} sample(s)")
+    results, report = quantize_components(models, args.precision, calibration, args.out, args.keep, args.seed)
     summary = {"precision": args.precision, "calibration": calibration.describe(),
                "graphs": {c: r.to_dict() for c, r in results.items()}, "accuracy": report.to_dict()}
     with atomic_output(args.out / f"quantize.{args.precision}.json") as partial:
@@ -402,5 +397,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Run the command as on the command line: refusals, a failed gate included, are one ``error:``
+    line and exit 1."""
+    return run_cli(quantize_command, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(main())

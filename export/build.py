@@ -18,17 +18,16 @@ from pathlib import Path
 from engines.cli import SEED_RANGE, float_in_range, int_in_range, run_cli
 from engines.flavours import FLAVOURS, FlavourError
 from engines.manifest import Manifest
-from engines.memory import MemoryEstimateError
 from engines.requirements import onnxruntime_missing
 from engines.profiles import MAX_BATCH, ProfileError
 from engines.targets import PRESETS, TARGET_CHOICES, Target, TargetError, get_target
 from engines.tensorrt_build import BuildOptions
 
-from calib.data import DEFAULT_SIDE, CalibrationError, add_calibration_arguments, calibration_from_args
+from calib.data import DEFAULT_SIDE, add_calibration_arguments, calibration_from_args
 from calib.quantize import DEFAULT_KEEP, KEEP_GROUPS, QUANTIZED_PRECISIONS, keep_groups
 from runtime.upscale_pass import PASS_COMPONENTS
 
-from .checkpoint import CheckpointError, add_weight_arguments, load_unet, load_vae
+from .checkpoint import add_weight_arguments, load_unet, load_vae
 from .onnx.components import Models
 from .pipeline.driver import build_artifacts
 from .pipeline.engine import EngineHost, engine_flavour
@@ -202,7 +201,7 @@ def _summary(manifest: Manifest, out: Path) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_command(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -220,8 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     missing = onnxruntime_missing()
     if missing:  # validation, quantization and the memory estimate all run on it
-        print(f"error: {missing}", file=sys.stderr)
-        return 1
+        raise BuildError(missing)
     out = args.out or Path("build") / target.name
     components = tuple(dict.fromkeys(args.components))
     both = set(PASS_COMPONENTS) <= set(components)
@@ -246,30 +244,31 @@ def main(argv: list[str] | None = None) -> int:
         cpu_int8=both if args.cpu_int8 is None else args.cpu_int8,
         engine_flavour=flavour.name,
     )
-    try:
-        check_output_folder(out)
-        host = EngineHost.detect(target, flavour)
-        if args.require_engines and host.blocker:
-            raise BuildError(f"--require-engines: engines cannot be built here: {host.blocker}")
-        print(f"target {target.name}: {target.gpu}, compute capability "
-              f"{target.compute_capability[0]}.{target.compute_capability[1]}, budget "
-              f"{target.memory_budget_bytes / 2**30:.1f} GiB; engines: {flavour.title} "
-              f"{host.trt_version or '(not installed)'}; out {out}", flush=True)
-        if host.runs_engines_for(target) and args.calib_side is None:
-            # Engines are gated inside their own range (ONNX Runtime takes any size): the fallback
-            # samples at the smallest input, or the largest if the default side is beyond it.
-            lo, hi, _ = latent_ranges(target)["cond_encoder"]
-            args.calib_side = min(max(DEFAULT_SIDE, lo), hi)
-        settings.calibration = calibration_from_args(args)
-        models, settings.weights = _load_models(args, components)
-        manifest = build_artifacts(models, settings, out, log=lambda line: print(line, flush=True),
-                                   wait=not args.no_wait)
-    except (CheckpointError, BuildError, ProfileError, TargetError, MemoryEstimateError, CalibrationError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    check_output_folder(out)
+    host = EngineHost.detect(target, flavour)
+    if args.require_engines and host.blocker:
+        raise BuildError(f"--require-engines: engines cannot be built here: {host.blocker}")
+    print(f"target {target.name}: {target.gpu}, compute capability "
+          f"{target.compute_capability[0]}.{target.compute_capability[1]}, budget "
+          f"{target.memory_budget_bytes / 2**30:.1f} GiB; engines: {flavour.title} "
+          f"{host.trt_version or '(not installed)'}; out {out}", flush=True)
+    if host.runs_engines_for(target) and args.calib_side is None:
+        # Engines are gated inside their own range (ONNX Runtime takes any size): the fallback
+        # samples at the smallest input, or the largest if the default side is beyond it.
+        lo, hi, _ = latent_ranges(target)["cond_encoder"]
+        args.calib_side = min(max(DEFAULT_SIDE, lo), hi)
+    settings.calibration = calibration_from_args(args)
+    models, settings.weights = _load_models(args, components)
+    manifest = build_artifacts(models, settings, out, log=lambda line: print(line, flush=True),
+                               wait=not args.no_wait)
     print(_summary(manifest, out))
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Run the command as on the command line: refusals are one ``error:`` line and exit 1."""
+    return run_cli(build_command, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(main())

@@ -30,7 +30,7 @@ from runtime.noise import CpuNoise
 from runtime.upscale_pass import timesteps, x0_from_velocity
 from runtime.numerics import full_fp32
 
-from .checkpoint import CheckpointError, add_weight_arguments, load_unet
+from .checkpoint import add_weight_arguments, load_unet
 from .models.upscaler_unet import UpscalerUNet
 
 
@@ -118,28 +118,29 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def reference_command(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
-    try:
-        if args.input is not None:
-            latents = read_latents(args.input)
-        else:
-            generator = torch.Generator("cpu").manual_seed(args.seed + 1)
-            latents = torch.randn((1, LATENT_CHANNELS, *args.random_input), generator=generator)
-        if args.latent_format == "flux2_packed":
-            latents = unpack(latents)
-        validate_latents(latents)
-        model = load_unet(args.checkpoint, random_weights=args.random_weights, seed=args.weights_seed)
-        out = upscale(model, latents, scale=args.scale, seed=args.seed)
-        if args.latent_format == "flux2_packed":
-            out = pack(out)
-        write_latents(args.output, out)
-    except (CheckpointError, InvalidLatentsError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    if args.input is not None:
+        latents = read_latents(args.input)
+    else:
+        generator = torch.Generator("cpu").manual_seed(args.seed + 1)
+        latents = torch.randn((1, LATENT_CHANNELS, *args.random_input), generator=generator)
+    if args.latent_format == "flux2_packed":
+        latents = unpack(latents)
+    validate_latents(latents)
+    model = load_unet(args.checkpoint, random_weights=args.random_weights, seed=args.weights_seed)
+    out = upscale(model, latents, scale=args.scale, seed=args.seed)
+    if args.latent_format == "flux2_packed":
+        out = pack(out)
+    write_latents(args.output, out)
     print(f"wrote {args.output}: {tuple(latents.shape)} -> {tuple(out.shape)} ({args.scale}x)")
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Run the command as on the command line: refusals are one ``error:`` line and exit 1."""
+    return run_cli(reference_command, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(main())

@@ -9,8 +9,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from ..checkpoint import CheckpointError, add_weight_arguments, load_unet, load_vae
+from ..checkpoint import add_weight_arguments, load_unet, load_vae
 from engines.cli import SEED_RANGE, int_in_range, run_cli
+from engines.errors import FlowUpscalerError
 from engines.files import atomic_output
 from engines.requirements import onnxruntime_missing
 from ..models import DECODER_CUTS
@@ -18,6 +19,10 @@ from .components import COMPONENTS, DEFAULT_CUT, Models
 from .exporter import OPSET, export_component, graph_filename
 from ..models.precision import DTYPES
 from .validate import validate_graph
+
+
+class OnnxExportError(FlowUpscalerError, RuntimeError):
+    """The export cannot run here, or a graph failed validation (its report is kept, the graph not)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,18 +100,13 @@ def _summary(report: dict) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def export_command(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     components = list(dict.fromkeys(args.component))
     missing = onnxruntime_missing()
     if missing:
-        print(f"error: {missing}", file=sys.stderr)
-        return 1
-    try:
-        models = load_models(args, components)
-    except CheckpointError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        raise OnnxExportError(missing)
+    models = load_models(args, components)
     args.out.mkdir(parents=True, exist_ok=True)
     failed = []
     try:
@@ -120,14 +120,15 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(args.out / ".staging", ignore_errors=True)
     if failed:
-        print(
-            f"error: validation failed for {', '.join(failed)} (errors above the tolerances; "
-            f"see the .validation.json files in {args.out})",
-            file=sys.stderr,
-        )
-        return 1
+        raise OnnxExportError(f"validation failed for {', '.join(failed)} (errors above the tolerances; "
+                              f"see the .validation.json files in {args.out})")
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Run the command as on the command line: refusals are one ``error:`` line and exit 1."""
+    return run_cli(export_command, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(main())
