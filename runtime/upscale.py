@@ -146,4 +146,4 @@ def _log_to_stderr() -> None:
 
 if __name__ == "__main__":
     _log_to_stderr()
-    sys.exit(run_cli(main))
+    sys.exit(main())
