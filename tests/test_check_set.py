@@ -280,6 +280,17 @@ def test_largest_shapes_over_the_budget_are_checked_at_the_largest_that_fits_and
                                "fit the check set's budget"]
 
 
+def test_a_budget_of_the_tensors_bytes_alone_leaves_no_room_for_the_header(small_artifacts, small_models, tmp_path):
+    """The whole file stays within the budget: a budget of exactly the bytes of every tensor the small
+    build stores (all its largest shapes fit 192 MiB) cannot hold them all with the file's header."""
+    folder = _copy(small_artifacts, tmp_path)
+    tensors = load_file(str(folder / read_manifest(folder).check_set.file))
+    budget = sum(t.numel() * t.element_size() for t in tensors.values())
+    record = _remake_check_set(folder, small_models, budget)["check_set"]
+    assert (folder / record["file"]).stat().st_size <= budget
+    assert [c for entry in record["components"].values() for c in entry["cases"] if "reduced" in c]
+
+
 def test_a_budget_the_smallest_shapes_fill_keeps_them_and_says_which_profiles_are_not_checked(
         small_artifacts, small_models, tmp_path):
     folder = _copy(small_artifacts, tmp_path)

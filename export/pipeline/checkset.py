@@ -8,15 +8,16 @@ What is stored, for every built component (``cases`` in its manifest entry):
   largest batch at its largest side), each shape once, named ``b<batch>.<height>x<width>`` of the
   main input, with the profiles it is the smallest or largest of and the profile the runtime runs
   it on (``engines.profiles.select_profile``, as the TensorRT backend chooses);
-- within ``BUDGET_BYTES`` for the whole file. The smallest shapes are always stored (every profile
-  admits them; a set they alone exceed holds only them). The largest shapes share what is left.
-  Each profile's candidates are the shapes inside it that the runtime runs on it, down a ladder
-  from its largest that narrows the width, then lowers the batch, then the height. First every
-  profile gets the last (smallest) of its ladder, cheapest first, while they fit: coverage of every
-  profile before size; then each, smallest profile first, grows to the largest on its ladder within
-  an equal part of what is left. A case short of its profile's largest shape records that shape in
-  ``reduced``; a profile that got none is in ``not_stored``, with why. Sizes are planned from the
-  shapes alone (the eager outputs' shapes on the meta device) before any eager work.
+- within ``BUDGET_BYTES`` for the whole file, its header included. The smallest shapes are always
+  stored (every profile admits them; a set they alone exceed holds only them). The largest shapes
+  share what is left. Each profile's candidates are the shapes inside it that the runtime runs on
+  it, down a ladder from its largest that narrows the width, then lowers the batch, then the
+  height. First every profile gets the last (smallest) of its ladder, cheapest first, while they
+  fit: coverage of every profile before size; then each, smallest profile first, grows to the
+  largest on its ladder within an equal part of what is left. A case short of its profile's largest
+  shape records that shape in ``reduced``; a profile that got none is in ``not_stored``, with why.
+  Sizes are planned from the shapes alone (the eager outputs' shapes on the meta device) before
+  any eager work.
 
 Inputs are in the types the graph takes (read from the graph, so the engine built from it takes
 them too), with the fp32 eager outputs of the fp32 inputs before that cast, as
@@ -45,6 +46,7 @@ the TF32 option, the budget and the source of every project module this stage im
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,14 +77,16 @@ if TYPE_CHECKING:
 
 CHECK_SET_FORMAT = "flow-upscaler-check-set"
 PASS = "pass"
-# The whole file at most (inputs, expected outputs, the pass's x0). On the default target (rtx5090,
-# full-size models) the smallest shapes take about 21 MiB, mostly the encoder's 384-channel maps
-# (fp32 as expected outputs, fp16 again as the U-Net's inputs), and the profiles' largest shapes
-# are far beyond any file worth shipping (the encoder's 512 profile alone about 2 GiB). 192 MiB is
-# about the least that gives every one of its 9 profiles a case that runs on it beyond the smallest
-# shape (planned from shapes alone, with every profile at batch 4: 12 cases, the largest U-Net case
-# batch 1 at 560x128 for its 1024 profile; 128 MiB leaves 2 profiles out). The eager fp32 outputs cost build time roughly in proportion: measured on our
-# 2-core box, the full U-Net takes about 5 s at 128x128 and the decoder about 16 s at 64x64.
+X0 = f"{PASS}/x0"  # the pass's fp32 eager result in the file
+# The whole file at most (inputs, expected outputs, the pass's x0, the header). On the default
+# target (rtx5090, full-size models) the smallest shapes take about 21 MiB, mostly the encoder's
+# 384-channel maps (fp32 as expected outputs, fp16 again as the U-Net's inputs), and the profiles'
+# largest shapes are far beyond any file worth shipping (the encoder's 512 profile alone about
+# 2 GiB). 192 MiB is about the least that gives every one of its 9 profiles a case that runs on it
+# beyond the smallest shape (planned from shapes alone, with every profile at batch 4: 12 cases,
+# the largest U-Net case batch 1 at 560x128 for its 1024 profile; 128 MiB leaves 2 profiles out).
+# The eager fp32 outputs cost build time roughly in proportion: measured on our 2-core box, the
+# full U-Net takes about 5 s at 128x128 and the decoder about 16 s at 64x64.
 BUDGET_BYTES = 192 * 2**20
 # Per output of an int8/fp8 component (rel-L2, and max-abs over max(1, max|ref|)). Measured with
 # ONNX Runtime's CPU provider on the small random-weight models of the tests at their smallest
@@ -163,6 +167,16 @@ def _mib(size: int) -> str:
     return f"{size / 2**20:.1f} MiB"
 
 
+def _header_bytes(name: str, shape: tuple[int, ...]) -> int:
+    """At least what a tensor's entry takes in the safetensors header (the file's budget holds it
+    too): spaced JSON, the longest dtype name and offsets up to 2**48."""
+    return len(json.dumps({name: {"dtype": "BF16", "shape": list(shape), "data_offsets": [2**48, 2**48]}}))
+
+
+def _case_name(batch: int, height: int, width: int) -> str:
+    return f"b{batch}.{height}x{width}"
+
+
 @dataclass
 class Case:
     """One stored shape of one component: its main input's batch and sides, every input's shape,
@@ -181,7 +195,7 @@ class Case:
 
     @property
     def name(self) -> str:
-        return f"b{self.batch}.{self.height}x{self.width}"
+        return _case_name(self.batch, self.height, self.width)
 
     def to_dict(self) -> dict:
         entry = {"name": self.name, "inputs": {n: list(s) for n, s in self.shapes.items()},
@@ -192,10 +206,10 @@ class Case:
 class _Sizes:
     """A component's case sizes in the file, from shapes alone: inputs in the graph's types and the
     fp32 outputs, whose shapes the eager module gives on the meta device (its weights as meta
-    tensors: nothing is computed or allocated)."""
+    tensors: nothing is computed or allocated), and their entries in the file's header."""
 
     def __init__(self, name: str, models: Models, dtypes: dict[str, torch.dtype]):
-        self.spec, self.models, self.dtypes = COMPONENTS[name], models, dtypes
+        self.name, self.spec, self.models, self.dtypes = name, COMPONENTS[name], models, dtypes
         self.module = self.spec.module(models)
         self.meta = {n: t.to("meta") for n, t in (*self.module.named_parameters(), *self.module.named_buffers())}
         self._known: dict[tuple[int, int, int], int] = {}
@@ -211,8 +225,12 @@ class _Sizes:
                 outputs = functional_call(self.module, self.meta,
                                           tuple(torch.empty(shapes[n], device="meta") for n in self.spec.inputs))
             outputs = (outputs,) if isinstance(outputs, torch.Tensor) else outputs
-            self._known[key] = (sum(_nbytes(s, self.dtypes.get(n, torch.float32)) for n, s in shapes.items())
-                                + sum(_nbytes(tuple(y.shape), torch.float32) for y in outputs))
+            case = _case_name(*key)
+            self._known[key] = (
+                sum(_nbytes(s, self.dtypes.get(n, torch.float32)) + _header_bytes(
+                    tensor_name(self.name, case, "inputs", n), s) for n, s in shapes.items())
+                + sum(_nbytes(tuple(y.shape), torch.float32) + _header_bytes(
+                    tensor_name(self.name, case, "outputs", n), tuple(y.shape)) for n, y in zip(self.spec.outputs, outputs)))
         return self._known[key]
 
 
@@ -235,7 +253,7 @@ def plan_cases(records: dict[str, ComponentRecord], sizes: dict[str, _Sizes], fi
                budget: int = BUDGET_BYTES) -> tuple[dict[str, list[Case]], dict[str, dict[str, str]]]:
     """Every component's cases (the smallest shapes, then the largest within ``budget``, see the
     module docstring) and, per component, the profiles whose largest shape has no case, with why.
-    ``fixed_bytes``: what the file holds beside the cases (the pass's ``x0``)."""
+    ``fixed_bytes``: what the file holds beside the cases (the header's fixed part, the pass's ``x0``)."""
     cases: dict[str, list[Case]] = {name: [] for name in records}
     not_stored: dict[str, dict[str, str]] = {name: {} for name in records}
 
@@ -332,11 +350,12 @@ class MakeCheckSet:
         dtypes = {name: graph_input_dtypes(self.folder.out / r.onnx_file) for name, r in records.items()}
         sizes = {name: _Sizes(name, self.models, dtypes[name]) for name in records}
         with_pass = set(PASS_COMPONENTS) <= set(records)
-        x0_bytes = 0
+        # beside the cases: the header's length field, its metadata and padding, and the pass's x0
+        fixed_bytes = 8 + 8 + len(json.dumps({"__metadata__": self._metadata()}))
         if with_pass:  # x0 has the U-Net's sample's shape, in fp32
-            x0_bytes = _nbytes(sizes["unet"].shapes(*_main_size(records["unet"].profiles[0].min, "sample"))["sample"],
-                               torch.float32)
-        cases, not_stored = plan_cases(records, sizes, x0_bytes, self.budget)
+            x0 = sizes["unet"].shapes(*_main_size(records["unet"].profiles[0].min, "sample"))["sample"]
+            fixed_bytes += _nbytes(x0, torch.float32) + _header_bytes(X0, x0)
+        cases, not_stored = plan_cases(records, sizes, fixed_bytes, self.budget)
         tensors: dict[str, torch.Tensor] = {}
         references: dict[str, dict[str, float]] = {name: {} for name in records}  # largest |ref| per output
         whole_pass: dict = {}
@@ -353,8 +372,7 @@ class MakeCheckSet:
         components = {name: self._entry(name, records[name], cases[name], not_stored[name], references[name])
                       for name in records}
         path = self.folder.out / relative
-        data = save({k: v.contiguous() for k, v in tensors.items()},
-                    metadata={"format": CHECK_SET_FORMAT, "version": str(CheckSetRecord.VERSION)})
+        data = save({k: v.contiguous() for k, v in tensors.items()}, metadata=self._metadata())
         with atomic_output(path) as partial:  # written by Python: the umask's permissions, as the graphs
             partial.write_bytes(data)
         facts = {"format": CHECK_SET_FORMAT, "version": CheckSetRecord.VERSION, "bytes": len(data),
@@ -370,6 +388,10 @@ class MakeCheckSet:
         self.progress.finished("all", "check set", start, reused=False, bytes=len(data),
                                cases=sum(len(c) for c in cases.values()))
         return CheckSetRecord(relative, sha256_file(path), key, components, whole_pass, facts)
+
+    @staticmethod
+    def _metadata() -> dict[str, str]:
+        return {"format": CHECK_SET_FORMAT, "version": str(CheckSetRecord.VERSION)}
 
     def _store(self, case: Case, raw: tuple[torch.Tensor, ...], dtypes: dict[str, torch.dtype],
                tensors: dict[str, torch.Tensor], references: dict[str, float]) -> dict[str, torch.Tensor]:
@@ -431,7 +453,7 @@ class MakeCheckSet:
             return self._store(step_cases[component], raw, dtypes[component], tensors, references[component])
 
         x0 = run_pass(run, latents_small, CpuNoise(seed))
-        tensors["pass/x0"] = x0
+        tensors[X0] = x0
         precision = records["unet"].precision
         encoder, unet = step_cases["cond_encoder"].name, step_cases["unet"].name
         return {
@@ -441,7 +463,7 @@ class MakeCheckSet:
             "noise": "runtime.noise.CpuNoise(seed)",
             # the pass's input and noise are the components' (safetensors stores a tensor once)
             "tensors": {"latents_small": tensor_name("cond_encoder", encoder, "inputs", "latents_small"),
-                        "noise": tensor_name("unet", unet, "inputs", "sample"), "x0": "pass/x0"},
+                        "noise": tensor_name("unet", unet, "inputs", "sample"), "x0": X0},
             "limits": pass_limits(precision, self.settings.options.tf32),
             "precision_limits": {p: pass_limits(p, False) for p in _other_precisions(precision, PASS)},
         }
