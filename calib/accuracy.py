@@ -12,33 +12,27 @@ The gate takes the worst sample of each figure.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from engines.cli import SEED_RANGE, int_in_range, run_cli
 from engines.errors import FlowUpscalerError
-from engines.files import atomic_output, check_output_file
 from runtime.backends import OnnxRuntimeBackend
 from runtime.metrics import difference
 from runtime.noise import CpuNoise
 from runtime.numerics import full_fp32
 from runtime.upscale_pass import run_pass
 
-from .data import (
-    CalibrationSet,
-    add_calibration_arguments,
-    calibration_from_args,
-)
+from .data import CalibrationSet
 from .thresholds import THRESHOLDS, Thresholds
 
 Run = Callable[[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+# The fp32 eager pass the candidate is held to: (latents_small, seed) -> x0. The build side makes
+# it from the model (export.reference.pass_reference), so calib needs nothing of export.
+Reference = Callable[[torch.Tensor, int], torch.Tensor]
 IMAGE_PEAK_TO_PEAK = 2.0
 DECODE_CROP = 16  # latent pixels: the PSNR is taken on the central 128x128 px, decoded alone, of both outputs
 
@@ -108,7 +102,7 @@ def _centre(latents: torch.Tensor) -> torch.Tensor:
 
 def measure(
     run: Run,
-    unet: torch.nn.Module,
+    reference: Reference,
     calibration: CalibrationSet,
     precision: str,
     decoder: torch.nn.Module | None = None,
@@ -116,18 +110,15 @@ def measure(
     device: torch.device | str = "cpu",
 ) -> AccuracyReport:
     """Compare the candidate ``run`` (a runtime backend's ``run``: a folder's engines, or any graphs
-    through ``OnnxRuntimeBackend``) with fp32 eager."""
-    from export.reference import upscale as reference_upscale
-
+    through ``OnnxRuntimeBackend``) with the fp32 eager ``reference`` pass."""
     if precision not in THRESHOLDS:
         raise ValueError(f"no accuracy thresholds for precision {precision!r}; known: {', '.join(THRESHOLDS)}")
     report = AccuracyReport(precision, THRESHOLDS[precision])
-    unet = unet.eval()
     for index, latents in enumerate(calibration.samples):
         with torch.inference_mode(), full_fp32():  # the reference and its decoder in IEEE fp32
-            reference = reference_upscale(unet, latents, scale=2, seed=seed + index)
+            expected = reference(latents, seed + index)
             got = run_pass(run, latents.to(device), CpuNoise(seed + index, device)).cpu()
-            figures = difference(got, reference)
+            figures = difference(got, expected)
             sample = {
                 "shape": list(latents.shape[2:]),
                 "rel_l2": figures.rel_l2,
@@ -136,7 +127,7 @@ def measure(
                 "psnr_db": None,
             }
             if decoder is not None and sample["finite"]:
-                sample["psnr_db"] = psnr(decoder(_centre(got)), decoder(_centre(reference)))
+                sample["psnr_db"] = psnr(decoder(_centre(got)), decoder(_centre(expected)))
         report.samples.append(sample)
     return report
 
@@ -144,64 +135,3 @@ def measure(
 def graphs_run(graphs: dict[str, Path]) -> Run:
     """``run`` of ONNX graph files in ONNX Runtime on the CPU, through the runtime's own backend."""
     return OnnxRuntimeBackend(graphs, torch.device("cpu")).run
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m calib.accuracy",
-        description="Gate an artifact folder's graphs or engines: one 2x pass on each calibration sample through "
-                    "the runtime backend against the fp32 eager model rebuilt from the folder's weight record. "
-                    "Prints the worst latent rel-L2 and max-abs (and decoded PSNR with --decoded-psnr); "
-                    "exit 1 if over the precision's limits.",
-    )
-    parser.add_argument("artifacts", type=Path, help="artifact folder from python -m export.build")
-    parser.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "onnxruntime-tensorrt", "tensorrt"),
-                        help="what runs the candidate: the folder's ONNX graphs or its TensorRT engines")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda where available)")
-    parser.add_argument("--precision", choices=sorted(THRESHOLDS),
-                        help="whose limits apply (default: the folder's unet precision)")
-    parser.add_argument("--decoded-psnr", action="store_true", help="decode both outputs with the fp32 VAE too")
-    parser.add_argument("--seed", type=int_in_range(*SEED_RANGE), default=0, help=f"seed of the pass noise, 0..{SEED_RANGE[1]}")
-    parser.add_argument("--json", type=Path, help="write the report as JSON")
-    add_calibration_arguments(parser, default_size=4)
-    return parser
-
-
-def accuracy_command(argv: list[str] | None = None) -> int:
-    from engines.manifest import ManifestError
-    from export.models.weights_record import models_from_weights_record
-    from export.onnx.components import COMPONENTS as SPECS
-    from runtime import Upscaler
-
-    args = build_parser().parse_args(argv)
-    if args.json:
-        check_output_file(args.json, "--json", protected=args.artifacts)
-    with Upscaler.load(args.artifacts, backend=args.backend, device=args.device) as upscaler:
-        manifest = upscaler.manifest
-        precision = args.precision or manifest.components["unet"].precision
-        smallest = min(p.min["latents_small"][2] for p in manifest.components["cond_encoder"].profiles)
-        calibration = calibration_from_args(args, min_side=smallest)
-        for sample in calibration.samples:
-            upscaler.check_input(sample, 2)
-        components = ["cond_encoder", "unet"] + (["vae_decoder"] if args.decoded_psnr else [])
-        try:
-            models = models_from_weights_record(manifest.weights, components)
-        except ValueError as exc:  # no weight source recorded, or other weights than the folder's
-            raise ManifestError(str(exc)) from exc
-        decoder = SPECS["vae_decoder"].module(models) if args.decoded_psnr else None
-        report = measure(upscaler.backend.run, models.unet, calibration, precision, decoder, args.seed, upscaler.device)
-    print(f"{args.artifacts} ({upscaler.backend_name}, {calibration.describe()['source']}): {report.summary()}")
-    if args.json:
-        with atomic_output(args.json) as partial:
-            partial.write_text(json.dumps({"calibration": calibration.describe(), **report.to_dict()}, indent=2) + "\n")
-    return 0 if report.passed else 1
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the command as on the command line: refusals are one ``error:`` line and exit 1; a gate
-    over its limits prints its numbers and exits 1 too."""
-    return run_cli(accuracy_command, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

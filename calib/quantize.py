@@ -32,36 +32,26 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
-import os
 import shutil
-import sys
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
 
-from engines.cli import SEED_RANGE, int_in_range, run_cli
 from engines.errors import FlowUpscalerError
 from engines.files import atomic_output
 from engines.logs import quiet_logger
-from engines.targets import PRESETS, TargetError
-from export.checkpoint import add_weight_arguments
+from runtime.noise import CpuNoise
+from runtime.upscale_pass import timesteps
 
-from .accuracy import AccuracyReport, graphs_run, measure
-from .data import (
-    CalibrationSet,
-    add_calibration_arguments,
-    calibration_from_args,
-)
+from .data import CalibrationSet
 from .thresholds import CPU_INT8, GATE_OF
 
 QUANTIZED_PRECISIONS = ("int8", "fp8")
-COMPONENTS = ("cond_encoder", "unet")
 QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
 KEEP_GROUPS = ("first_conv", "last_conv", "time_embedding")
 DEFAULT_KEEP = KEEP_GROUPS
@@ -170,13 +160,14 @@ def _named(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def calibration_inputs(component: str, models, calibration: CalibrationSet, seed: int = 0) -> list[dict[str, np.ndarray]]:
-    """Each sample's fp32 inputs of ``component`` in one pass: the eager encoder feeds the U-Net."""
-    from export.onnx.components import COMPONENTS as SPECS
-    from runtime.upscale_pass import timesteps
-    from runtime.noise import CpuNoise
+# The eager conditioning encoder: (latents_small, timestep) -> its outputs by name (the U-Net's
+# conditioning inputs). The build side makes it from the model, so calib needs nothing of export.
+Encode = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
 
-    encoder = SPECS["cond_encoder"].module(models)
+
+def calibration_inputs(component: str, encode: Encode, calibration: CalibrationSet,
+                       seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """Each sample's fp32 inputs of ``component`` in one pass: the eager encoder feeds the U-Net."""
     feeds = []
     for index, latents in enumerate(calibration.samples):
         timestep = timesteps(latents.shape[0])
@@ -184,10 +175,9 @@ def calibration_inputs(component: str, models, calibration: CalibrationSet, seed
             feeds.append({"latents_small": latents.numpy(), "timestep": timestep.numpy()})
             continue
         with torch.inference_mode():
-            encoded = encoder(latents, timestep)
+            encoded = encode(latents, timestep)
         noise = CpuNoise(seed + index).next_pass(latents)
-        names = SPECS["cond_encoder"].outputs
-        feeds.append({"sample": noise.numpy(), **{n: t.float().numpy() for n, t in zip(names, encoded)}})
+        feeds.append({"sample": noise.numpy(), **{n: t.float().numpy() for n, t in encoded.items()}})
     return feeds
 
 
@@ -281,127 +271,9 @@ def _with_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
             opset.version = version  # 18 -> 19 only adds types and options: the graph means the same
     return model
 
-def quantize_components(
-    models,
-    precision: str,
-    calibration: CalibrationSet,
-    out: Path,
-    keep: Iterable[str] = DEFAULT_KEEP,
-    seed: int = 0,
-    log=print,
-) -> tuple[dict[str, QuantizeResult], AccuracyReport]:
-    """Export both pass components (the encoding's float part), quantize them, gate the pass, and
-    only then write them. ``precision``: an ``ENCODINGS`` name (int8 and fp8 for TensorRT, cpu-int8
-    for ONNX Runtime's CPU provider).
-
-    The graphs are staged beside ``out``; if the gate fails they are deleted and
-    ``AccuracyGateError`` carries the numbers, so ``out`` never holds a graph that failed.
-    """
-    from export.onnx.components import COMPONENTS as SPECS
-    from export.onnx.exporter import export_component, graph_filename
-
-    if precision not in ENCODINGS:
-        raise QuantizationError(f"precision must be one of {', '.join(ENCODINGS)}, got {precision!r}")
-    encoding = ENCODINGS[precision]
-    staging = out / ".staging-quantize"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    results = {}
-    try:
-        for component in COMPONENTS:
-            spec = SPECS[component]
-            start = time.perf_counter()
-            float_part = encoding.float_part
-            graph = export_component(spec, models, float_part, staging / graph_filename(spec, float_part, models.cut)).path
-            feeds = calibration_inputs(component, models, calibration, seed)
-            results[component] = replace(quantize_graph(
-                graph, staging / graph_filename(spec, precision, models.cut), component, encoding.precision, feeds,
-                keep, encoding.unsigned_activations), precision=precision)
-            log(f"  {component}: {results[component].quantized_nodes} nodes quantized to {precision}, kept in float: "
-                + ", ".join(f"{g} {len(n)}" for g, n in results[component].kept.items())
-                + f" ({time.perf_counter() - start:.1f} s)")
-        decoder = SPECS["vae_decoder"].module(models) if models.vae is not None else None
-        report = measure(graphs_run({c: r.path for c, r in results.items()}), models.unet, calibration,
-                         encoding.gate, decoder=decoder, seed=seed)
-        log(f"  {report.summary()}")
-        report.check()
-        out.mkdir(parents=True, exist_ok=True)
-        for component, result in results.items():
-            final = out / result.path.name
-            os.replace(result.path, final)
-            results[component] = replace(result, path=final)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return results, report
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m calib.quantize",
-        description="Quantize cond_encoder and unet to INT8 or FP8 Q/DQ ONNX (ONNX Runtime static quantization, "
-                    "symmetric, per-channel weights) on a calibration set, then gate one 2x pass against the fp32 "
-                    "eager model. Writes OUT/cond_encoder.<precision>.onnx, OUT/unet.<precision>.onnx and "
-                    "OUT/quantize.<precision>.json only if the gate passes; exit 1 with the numbers if it fails.",
-    )
-    parser.add_argument("--precision", required=True, choices=tuple(ENCODINGS),
-                        help=f"int8 or fp8 for TensorRT; {CPU_INT8}: int8 with uint8 activations and an fp32 float part "
-                             "for ONNX Runtime's CPU provider, held to the bf16 accuracy limits")
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--target", choices=sorted(PRESETS), help="GPU preset: refuse a precision it cannot run "
-                        "(fp8 needs compute capability >= 8.9)")
-    parser.add_argument("--keep", type=keep_groups, default=None,
-                        help=f"node groups kept in float: comma-separated {','.join(KEEP_GROUPS)}, or none "
-                             f"(default: all; {CPU_INT8}: {','.join(CPU_KEEP)}, as the build makes them)")
-    add_weight_arguments(parser, with_vae=True)
-    parser.add_argument("--seed", type=int_in_range(*SEED_RANGE), default=0, help=f"seed of --random-weights and of the pass noise, 0..{SEED_RANGE[1]}")
-    parser.add_argument("--decoded-psnr", action="store_true",
-                        help="also decode both outputs with the fp32 VAE and gate the PSNR (loads the VAE)")
-    add_calibration_arguments(parser)
-    return parser
-
-
 def keep_groups(text: str) -> list[str]:
     groups = [] if text == "none" else [g for g in text.split(",") if g]
     bad = sorted(set(groups) - set(KEEP_GROUPS))
     if bad:
         raise argparse.ArgumentTypeError(f"unknown {', '.join(bad)}; choose from {', '.join(KEEP_GROUPS)} or none")
     return groups
-
-
-def quantize_command(argv: list[str] | None = None) -> int:
-    from export.checkpoint import load_unet, load_vae
-    from export.onnx.components import Models
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.target and args.precision == CPU_INT8:
-        parser.error(f"--target names a GPU; {CPU_INT8} graphs are for ONNX Runtime's CPU provider: leave --target out")
-    if args.keep is None:
-        args.keep = list(CPU_KEEP if args.precision == CPU_INT8 else DEFAULT_KEEP)
-    if args.target:
-        try:
-            PRESETS[args.target].check_precision(args.precision)
-        except TargetError as exc:
-            parser.error(str(exc))
-    calibration = calibration_from_args(args)
-    models = Models(unet=load_unet(args.checkpoint, random_weights=args.random_weights, seed=args.seed))
-    if args.decoded_psnr:
-        models.vae = load_vae(args.vae, random_weights=args.random_weights, seed=args.seed)
-    print(f"calibration: {calibration.describe()['source']}, {len(calibration.samples)} sample(s)")
-    results, report = quantize_components(models, args.precision, calibration, args.out, args.keep, args.seed)
-    summary = {"precision": args.precision, "calibration": calibration.describe(),
-               "graphs": {c: r.to_dict() for c, r in results.items()}, "accuracy": report.to_dict()}
-    with atomic_output(args.out / f"quantize.{args.precision}.json") as partial:
-        partial.write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"wrote {', '.join(str(r.path) for r in results.values())}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the command as on the command line: refusals, a failed gate included, are one ``error:``
-    line and exit 1."""
-    return run_cli(quantize_command, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

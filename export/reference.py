@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -78,6 +79,13 @@ def upscale(
     for _ in range(int(math.log2(scale))):
         x = upscale_step(model, x, noise.next_pass(x))
     return x
+
+
+def pass_reference(model: UpscalerUNet) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """One fp32 eager 2x pass of ``model`` as the accuracy gate takes it (``calib.accuracy.Reference``):
+    ``(latents_small, seed) -> x0``."""
+    model = model.eval()
+    return lambda latents_small, seed: upscale(model, latents_small, scale=2, seed=seed)
 
 
 def _parse_size(text: str) -> tuple[int, int]:

@@ -10,7 +10,7 @@ from PIL import Image
 from benchmarks.latency import main
 from benchmarks.memory import ChainEstimate
 from benchmarks.memory import main as memory_main
-from calib.accuracy import main as accuracy_main
+from export.accuracy import main as accuracy_main
 from engines.manifest import EngineRecord, load_manifest
 from runtime import Upscaler
 from runtime.cpu import cpu_matrix_units

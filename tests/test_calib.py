@@ -11,10 +11,12 @@ import torch
 from onnx import numpy_helper
 
 from calib.accuracy import THRESHOLDS, AccuracyGateError, graphs_run, measure
-from calib.accuracy import main as accuracy_main
 from calib.data import CalibrationError, load_calibration_set
-from calib.quantize import kept_nodes, quantize_components
-from calib.quantize import main as quantize_main
+from calib.quantize import kept_nodes
+from export.accuracy import main as accuracy_main
+from export.pipeline.quantize import quantize_components
+from export.quantize import main as quantize_main
+from export.reference import pass_reference
 from export.onnx.components import COMPONENTS
 from export.onnx.exporter import export_component
 from runtime.latents import pack, write_latents
@@ -82,7 +84,7 @@ def test_int8_unet_runs_in_onnxruntime_within_the_documented_bound(small_models,
     worst = report.worst
     assert report.passed and 1e-4 < worst["rel_l2"] <= THRESHOLDS["int8"].rel_l2
     # and an independent run of the written graphs agrees with the report
-    again = measure(graphs_run({c: r.path for c, r in results.items()}), small_models.unet, calibration, "int8")
+    again = measure(graphs_run({c: r.path for c, r in results.items()}), pass_reference(small_models.unet), calibration, "int8")
     assert again.worst["rel_l2"] == pytest.approx(worst["rel_l2"], rel=1e-6)
 
 
@@ -113,7 +115,7 @@ def test_gate_refuses_a_graph_with_a_wrong_scale(small_models, calibration, int8
     damaged.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(damaged) * 8, damaged.name))
     onnx.save(unet, str(tmp_path / "unet.damaged.onnx"))
     run = graphs_run({"cond_encoder": results["cond_encoder"].path, "unet": tmp_path / "unet.damaged.onnx"})
-    report = measure(run, small_models.unet, calibration, "int8")
+    report = measure(run, pass_reference(small_models.unet), calibration, "int8")
     assert not report.passed
     assert report.worst["rel_l2"] > THRESHOLDS["int8"].rel_l2
     with pytest.raises(AccuracyGateError, match=r"int8 accuracy .* FAILED: rel-L2 [0-9.]+ > 0.06"):

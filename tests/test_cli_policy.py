@@ -67,8 +67,8 @@ def _calls_run_cli(nodes: list[ast.stmt]) -> bool:
 
 def test_the_scan_finds_the_entry_points():
     names = {str(path.relative_to(REPO)) for path, _ in _entry_points()}
-    assert {"export/reference.py", "export/onnx/__main__.py", "export/build.py", "calib/accuracy.py",
-            "calib/quantize.py", "benchmarks/latency.py", "benchmarks/memory.py", "runtime/upscale.py",
+    assert {"export/reference.py", "export/onnx/__main__.py", "export/build.py", "export/accuracy.py",
+            "export/quantize.py", "benchmarks/latency.py", "benchmarks/memory.py", "runtime/upscale.py",
             "runtime/serve.py", "runtime/check.py"} <= names, names
 
 
@@ -123,7 +123,7 @@ def test_reference_missing_checkpoint_is_one_line_exit_1(tmp_path):
 
 def test_quantize_odd_calibration_side_is_one_line_exit_1(tmp_path):
     out = tmp_path / "q"
-    done = _run("calib.quantize", "--precision", "int8", "--random-weights", "--calib-side", "3",
+    done = _run("export.quantize", "--precision", "int8", "--random-weights", "--calib-side", "3",
                 "--out", str(out))
     assert done.returncode == 1, done.stderr
     assert done.stderr == "error: the fallback latent side must be even and at least 2, got 3\n"

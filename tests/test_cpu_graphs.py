@@ -233,7 +233,7 @@ def test_the_library_refuses_cpu_graphs_without_both_pass_components(small_model
 
 
 def test_calib_quantize_refuses_a_gpu_target_for_cpu_graphs(tmp_path, capsys):
-    from calib.quantize import main as quantize_main
+    from export.quantize import main as quantize_main
 
     with pytest.raises(SystemExit) as exit_info:
         quantize_main(["--precision", "cpu-int8", "--target", "rtx5090", "--random-weights", "--out", str(tmp_path)])

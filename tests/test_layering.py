@@ -6,7 +6,8 @@
   polygraphy, onnxslim, onnx; only the torch backend (``runtime/backends.py``, and
   ``runtime/checkpoint.py`` that opens it on the published checkpoint) imports ``export``, and only
   the model definitions (``export.models``, ``export.checkpoint``).
-- ``calib`` does not import the build (``export.build``, ``export.pipeline``).
+- ``calib`` imports nothing of ``export``: packages import only the layers below them
+  (engines, runtime, calib, export, benchmarks), the torch backend's model definitions aside.
 - No cycle among the modules' import-time imports (a package's ``__init__`` runs before its modules).
 And, by running it: ``Upscaler`` on the onnxruntime and torch backends loads none of the build.
 """
@@ -139,9 +140,28 @@ def test_only_the_torch_backend_imports_export_and_only_the_model_definitions():
     assert all(_under(n, MODEL_DEFINITIONS) for names in users.values() for n in names), users
 
 
-def test_calib_does_not_import_the_build():
+def test_calib_imports_nothing_of_export():
+    """calib is a library the build uses (quantization, the gate, calibration sets): it gets models
+    and the reference as arguments, so the arrow runs export -> calib only."""
     offending = [(m, n) for m in MODULES if _under(m, ("calib",))
-                 for n, _ in _imports(m) if _under(n, ("export.build", "export.pipeline"))]
+                 for n, _ in _imports(m) if _under(n, ("export", "benchmarks"))]
+    assert offending == []
+
+
+# Each package imports only those before it (lazy imports count). The one arrow against the order:
+# runtime's torch backend rebuilds the models from their definitions (MODEL_DEFINITIONS, checked above).
+LAYERS = ("engines", "runtime", "calib", "export", "benchmarks")
+
+
+def test_packages_import_only_the_layers_below_them():
+    def layer(name: str) -> int | None:
+        return next((i for i, p in enumerate(LAYERS) if _under(name, (p,))), None)
+
+    offending = sorted(
+        (m, n) for m in MODULES for n, _ in _imports(m)
+        if (target := layer(n)) is not None and target > layer(m)
+        and not (_under(m, ("runtime",)) and _under(n, MODEL_DEFINITIONS))
+    )
     assert offending == []
 
 

@@ -30,6 +30,7 @@ from export.models import UpscalerUNet
 from export.onnx.components import COMPONENTS, Models
 from export.onnx.exporter import export_component
 from export.pipeline.driver import build_artifacts
+from export.pipeline.quantize import eager_encode
 from export.pipeline.settings import BuildSettings
 from runtime import Upscaler
 from runtime.backends import BackendUnavailable
@@ -83,7 +84,7 @@ def graphs(small_artifacts, rtx5090_folder, tmp_path_factory) -> tuple[Models, d
             COMPONENTS[component], models, precision, out / f"{component}.{precision}.onnx").path
     calibration = load_calibration_set(size=1, side=16)
     for component in ("cond_encoder", "unet"):
-        feeds = calibration_inputs(component, models, calibration)
+        feeds = calibration_inputs(component, eager_encode(models), calibration)
         for precision in QUANTIZED:
             made[component, precision] = quantize_graph(
                 made[component, FLOAT_PART[precision]], out / f"{component}.{precision}.onnx", component, precision,

@@ -20,7 +20,7 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 
 from calib.accuracy import AccuracyGateError
-from calib.quantize import CPU_INT8, CPU_KEEP, ENCODINGS, QuantizationError, quantize_components
+from calib.quantize import CPU_INT8, CPU_KEEP, ENCODINGS, QuantizationError
 from engines.manifest import CpuGraphRecord, content_key, sha256_file
 from export.onnx.components import COMPONENTS, Models
 from export.onnx.exporter import graph_filename
@@ -30,6 +30,7 @@ from runtime.upscale_pass import PASS_COMPONENTS
 from .folder import ONNX_DIR, ArtifactFolder
 from .graph import toolkit_facts
 from .progress import StageLog
+from .quantize import quantize_components
 from .settings import BuildSettings
 from .weights import public_config
 

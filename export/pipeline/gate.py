@@ -14,6 +14,7 @@ import torch
 from calib.accuracy import graphs_run, measure
 from engines.manifest import ComponentRecord
 from export.onnx.components import COMPONENTS, Models
+from export.reference import pass_reference
 from runtime.upscale_pass import PASS_COMPONENTS
 
 from .engine import EngineHost
@@ -70,7 +71,7 @@ class GatePass:
         start = time.perf_counter()
         calibration = self.settings.calibration_set()
         run = graphs_run({c: self.folder.out / records[c].onnx_file for c in PASS_COMPONENTS})
-        report = measure(run, self.models.unet, calibration, precision, decoder=self._decoder(), seed=self.settings.seed)
+        report = measure(run, pass_reference(self.models.unet), calibration, precision, decoder=self._decoder(), seed=self.settings.seed)
         self.progress(f"accuracy of one pass ({precision} graphs vs fp32 eager): {report.summary()}")
         self.progress.finished("cond_encoder+unet", "accuracy", start, reused=False, accuracy=report.worst)
         return {"gated": GATED_GRAPHS, "calibration": calibration.describe(), **report.to_dict()}
@@ -90,7 +91,7 @@ class GatePass:
         try:
             backend = TensorRTBackend(engines, torch.device("cuda", 0), flavour=self.host.flavour.name)
             try:
-                report = measure(backend.run, self.models.unet, calibration, precision, decoder=self._decoder(),
+                report = measure(backend.run, pass_reference(self.models.unet), calibration, precision, decoder=self._decoder(),
                                  seed=self.settings.seed, device=backend.device)
             finally:
                 backend.close()

@@ -1,20 +1,37 @@
 """The quantize stage: INT8/FP8 graphs of both pass components, calibrated and gated together.
 
+``quantize_components`` exports the float part, quantizes it with calib and gates the pass (the
+build's stages and ``python -m export.quantize`` use it); calib gets the models' encoder and the
+eager reference from here as arguments.
+
 Reused (gate result included) when the weights, calibration set, precision, kept layer groups,
 gate seed and the source of every project module this stage imports are unchanged.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
 
-from calib.accuracy import AccuracyGateError
+from calib.accuracy import AccuracyGateError, AccuracyReport, graphs_run, measure
 from calib.data import CalibrationSet
-from calib.quantize import QuantizationError, quantize_components
+from calib.quantize import (
+    DEFAULT_KEEP,
+    ENCODINGS,
+    Encode,
+    QuantizationError,
+    QuantizeResult,
+    calibration_inputs,
+    quantize_graph,
+)
 from engines.manifest import content_key, sha256_file
 from export.onnx.components import COMPONENTS, Models
-from export.onnx.exporter import graph_filename
+from export.onnx.exporter import export_component, graph_filename
+from export.reference import pass_reference
 from runtime.upscale_pass import PASS_COMPONENTS
 
 from .errors import BuildError
@@ -23,6 +40,64 @@ from .gate import GATED_GRAPHS
 from .graph import GraphArtifact, toolkit_facts
 from .progress import StageLog
 from .weights import public_config
+
+
+def eager_encode(models: Models) -> Encode:
+    """The eager conditioning encoder with its outputs named as the U-Net graph's inputs."""
+    spec = COMPONENTS["cond_encoder"]
+    module = spec.module(models)
+    return lambda latents_small, timestep: dict(zip(spec.outputs, module(latents_small, timestep)))
+
+
+def quantize_components(
+    models: Models,
+    precision: str,
+    calibration: CalibrationSet,
+    out: Path,
+    keep: Iterable[str] = DEFAULT_KEEP,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> tuple[dict[str, QuantizeResult], AccuracyReport]:
+    """Export both pass components (the encoding's float part), quantize them, gate the pass, and
+    only then write them. ``precision``: an ``ENCODINGS`` name (int8 and fp8 for TensorRT, cpu-int8
+    for ONNX Runtime's CPU provider).
+
+    The graphs are staged beside ``out``; if the gate fails they are deleted and
+    ``AccuracyGateError`` carries the numbers, so ``out`` never holds a graph that failed.
+    """
+    if precision not in ENCODINGS:
+        raise QuantizationError(f"precision must be one of {', '.join(ENCODINGS)}, got {precision!r}")
+    encoding = ENCODINGS[precision]
+    staging = out / ".staging-quantize"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    results = {}
+    try:
+        for component in PASS_COMPONENTS:
+            spec = COMPONENTS[component]
+            start = time.perf_counter()
+            float_part = encoding.float_part
+            graph = export_component(spec, models, float_part, staging / graph_filename(spec, float_part, models.cut)).path
+            feeds = calibration_inputs(component, eager_encode(models), calibration, seed)
+            results[component] = replace(quantize_graph(
+                graph, staging / graph_filename(spec, precision, models.cut), component, encoding.precision, feeds,
+                keep, encoding.unsigned_activations), precision=precision)
+            log(f"  {component}: {results[component].quantized_nodes} nodes quantized to {precision}, kept in float: "
+                + ", ".join(f"{g} {len(n)}" for g, n in results[component].kept.items())
+                + f" ({time.perf_counter() - start:.1f} s)")
+        decoder = COMPONENTS["vae_decoder"].module(models) if models.vae is not None else None
+        report = measure(graphs_run({c: r.path for c, r in results.items()}), pass_reference(models.unet), calibration,
+                         encoding.gate, decoder=decoder, seed=seed)
+        log(f"  {report.summary()}")
+        report.check()
+        out.mkdir(parents=True, exist_ok=True)
+        for component, result in results.items():
+            final = out / result.path.name
+            os.replace(result.path, final)
+            results[component] = replace(result, path=final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return results, report
 
 
 @dataclass(frozen=True)
