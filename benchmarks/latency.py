@@ -45,8 +45,9 @@ from engines.targets import target_for_device
 from engines.files import atomic_output, check_output_file
 from runtime import InvalidArgumentError
 from runtime.upscale_pass import timesteps, x0_from_velocity
+from runtime.metrics import percentile
 from runtime.numerics import full_fp32
-from runtime.tiling import decode_tiled
+from runtime.tiling import decode_tile, decode_tiled, tile_overlap, tile_starts
 
 from .flops import FlopCounter
 
@@ -86,11 +87,6 @@ class Skip(Exception):
 
 class NothingMeasured(FlowUpscalerError, RuntimeError):
     """Every row was skipped here: a table of nothing is no result, so no file is written."""
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
 def time_call(fn: Callable[[], object], device: torch.device, runs: int, warmup: int) -> tuple[list[float], float | None]:
@@ -138,9 +134,8 @@ class Models:
 
         manifest = load_manifest(folder)
         self.available = [c for c in components if c in manifest.components]
-        # the runtime's decode tile: the decoder profile's largest side
         decoder = manifest.components.get("vae_decoder")
-        self.tile = max(decoder.profiles[0].max["latents"][2:]) if decoder else None
+        self.tile = decode_tile(decoder) if decoder else None  # the runtime's decode tile
         self.models = models_from_weights_record(manifest.weights, self.available)
         self.specs = SPECS
         self._references: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -223,7 +218,7 @@ class EagerRunner:
             decoder = self._module(component)
             z = _inputs(self.models.shapes(component, 1, high, high), self.dtype, self.device)["latents"]
             tile = self.models.tile
-            return torch.inference_mode()(lambda: decode_tiled(decoder, z, tile, tile // 4))
+            return torch.inference_mode()(lambda: decode_tiled(decoder, z, tile, tile_overlap(tile)))
         side = low if component == "cond_encoder" else high
         module = self._module(component)
         args = list(_inputs(self.models.shapes(component, 1, side, side), self.dtype, self.device).values())
@@ -308,12 +303,12 @@ class RuntimeRunner:
         precision = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(float_part, torch.float32)
         if component == "vae_decoder":
             z = torch.randn((1, 32, high, high), device=self.device)
-            tile = max(record.profiles[0].max["latents"][2:])
+            tile = decode_tile(record)
 
             def decode(tile_latents: torch.Tensor) -> torch.Tensor:
                 return run(component, {"latents": tile_latents.contiguous()})["image"]
 
-            return torch.inference_mode()(lambda: decode_tiled(decode, z, tile, tile // 4))
+            return torch.inference_mode()(lambda: decode_tiled(decode, z, tile, tile_overlap(tile)))
         side = low if component == "cond_encoder" else high
         shapes = profile_shapes(record, side)
         if shapes is None:
@@ -366,9 +361,8 @@ def _flops(models: Models | None, counters: dict, component: str, size: int) -> 
             counters[part] = FlopCounter(models.module(part))
         if part == "vae_decoder":
             # the same tiles as decode_tiled: count one tile and multiply
-            from runtime.tiling import tile_starts
 
-            tiles = len(tile_starts(high, models.tile, models.tile // 4)) ** 2
+            tiles = len(tile_starts(high, models.tile, tile_overlap(models.tile))) ** 2
             side = min(high, models.tile)
             shapes = models.shapes(part, 1, side, side)
             total += tiles * counters[part].count([(s, torch.float32) for s in shapes.values()])
@@ -482,8 +476,8 @@ def _measure_row(runner, backend: str, component: str, size: int, noise: str | N
         "backend": backend, "component": component, "size": size,
         "through_runtime": through_runtime,
         "noise": (noise or runner.upscaler.noise_mode) if through_runtime else None,
-        "median_ms": statistics.median(times), "p10_ms": _percentile(times, 0.1),
-        "p90_ms": _percentile(times, 0.9), "runs": len(times), "first_call_ms": first,
+        "median_ms": statistics.median(times), "p10_ms": percentile(times, 0.1),
+        "p90_ms": percentile(times, 0.9), "runs": len(times), "first_call_ms": first,
         "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "flops": flops,
         # what ran: auto's choice, the torch backend's mode (backend names as Upscaler.backend_name)

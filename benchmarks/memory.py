@@ -37,6 +37,7 @@ from engines.manifest import Manifest, load_manifest
 from engines.memory import GraphMemoryModel, MemoryEstimateError
 from engines.profiles import select_profile
 from runtime.latents import LATENT_CHANNELS, SCALES, InvalidLatentsError
+from runtime.tiling import decode_tile
 
 from .latency import (
     RUNTIME_BACKENDS,
@@ -95,7 +96,7 @@ class ChainEstimate:
         return self.graphs[component].estimate(shapes).activations
 
     def tile_side(self) -> int:
-        return max(self.records["vae_decoder"].profiles[0].max["latents"][2:])
+        return decode_tile(self.records["vae_decoder"])
 
     def stage(self, kind: str, size: int) -> dict:
         self.sources = {}
