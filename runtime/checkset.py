@@ -12,6 +12,10 @@ build stored (``export.pipeline.checkset``; DESIGN.md "Trust for engines built w
   set, its verdict is cached in the user cache folder (``runtime.cache``), and engines that fail
   are refused with ``EngineCheckFailed`` (a ``BackendUnavailable``: ``auto`` moves on to the next
   backend, an explicit backend raises it).
+
+Length: over 350 lines because running the check set (read, feed, compare against limits, the
+three calls) and the verdict cache are one procedure: what a cached verdict vouches for is
+decided by how the check ran.
 """
 
 from __future__ import annotations

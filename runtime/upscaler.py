@@ -13,6 +13,10 @@ whole call there, ordered against the calling thread's stream with events, so th
 streams never see a shared buffer in use. For parallel throughput, load one ``Upscaler`` per thread.
 
 Ownership: every tensor returned owns its memory, whatever the backend reuses inside.
+
+Length: over 350 lines because it is the whole public surface of ``Upscaler`` (load with
+``auto``'s fallbacks, upscale, decode, the checks each call makes before any work, close); the
+rules it applies live in the modules it imports (inputs, selection, upscale_pass, tiling, checkset).
 """
 
 from __future__ import annotations

@@ -6,6 +6,10 @@ A runner in Polygraphy's sense: the constructor captures the configuration, ``st
 ``wait_ready`` returns once the server and its models are ready (or raises with the reason the
 model did not load), ``stop`` sends SIGTERM (Triton finishes in-flight requests) and kills what is
 left after a grace period. Triton's own log goes to a file and, with ``echo``, to a callback.
+
+Length: over 350 lines because starting, watching and stopping one tritonserver process (ports
+and hosts, its stack limit, scratch folders, its process group) is one resource's lifetime;
+restarting it is ``supervisor``'s.
 """
 
 from __future__ import annotations
