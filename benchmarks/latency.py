@@ -45,7 +45,7 @@ from engines.targets import target_for_device
 from engines.files import atomic_output, check_output_file
 from runtime import InvalidArgumentError
 from runtime.upscale_pass import timesteps, x0_from_velocity
-from runtime.metrics import percentile
+from runtime.metrics import difference, percentile
 from runtime.numerics import full_fp32
 from runtime.tiling import decode_tile, decode_tiled, tile_overlap, tile_starts
 
@@ -493,9 +493,8 @@ def _measure_row(runner, backend: str, component: str, size: int, noise: str | N
 def _x0_error(x0: torch.Tensor, latents_small: torch.Tensor, models: Models) -> dict:
     """rel-L2 and max-abs of a runtime pass's ``x0`` against the fp32 eager reference (same input,
     seed 0, the CPU noise convention): the accuracy gate's figures."""
-    reference = models.reference_x0(latents_small)
-    diff = x0.double() - reference
-    return {"x0_rel_l2": float(diff.norm() / reference.norm()), "x0_max_abs": float(diff.abs().max())}
+    figures = difference(x0, models.reference_x0(latents_small))
+    return {"x0_rel_l2": figures.rel_l2, "x0_max_abs": figures.max_abs}
 
 
 def runtime_overhead(rows: list[dict]) -> list[dict]:
