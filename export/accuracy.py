@@ -12,7 +12,6 @@ from calib.accuracy import THRESHOLDS, measure
 from calib.data import add_calibration_arguments, calibration_from_args
 from engines.cli import SEED_RANGE, int_in_range, run_cli
 from engines.files import atomic_output, check_output_file
-from engines.manifest import ManifestError
 from runtime import Upscaler
 
 from .models.weights_record import models_from_weights_record
@@ -53,10 +52,7 @@ def accuracy_command(argv: list[str] | None = None) -> int:
         for sample in calibration.samples:
             upscaler.check_input(sample, 2)
         components = ["cond_encoder", "unet"] + (["vae_decoder"] if args.decoded_psnr else [])
-        try:
-            models = models_from_weights_record(manifest.weights, components)
-        except ValueError as exc:  # no weight source recorded, or other weights than the folder's
-            raise ManifestError(str(exc)) from exc
+        models = models_from_weights_record(manifest.weights, components)
         decoder = COMPONENTS["vae_decoder"].module(models) if args.decoded_psnr else None
         report = measure(upscaler.backend.run, pass_reference(models.unet), calibration, precision, decoder, args.seed, upscaler.device)
     print(f"{args.artifacts} ({upscaler.backend_name}, {calibration.describe()['source']}): {report.summary()}")

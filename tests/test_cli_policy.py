@@ -138,3 +138,21 @@ def test_latency_missing_folder_is_one_line_exit_1(tmp_path):
     assert done.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), done.stderr
     assert "nowhere" in lines[0] and "Traceback" not in done.stderr
     assert not report.exists()
+
+
+def test_accuracy_on_a_folder_without_a_weight_source_is_one_line_exit_1(small_artifacts, tmp_path):
+    """The folder's graphs are fine but its weight record names no source (built through the Python
+    API): the fp32 reference cannot be rebuilt, which is the manifest's problem, said in one line."""
+    import json
+    import shutil
+
+    folder = tmp_path / "no-source"
+    shutil.copytree(small_artifacts, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for entry in manifest["weights"].values():
+        entry.pop("source")
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    done = _run("export.accuracy", str(folder), "--device", "cpu", "--calib-size", "1")
+    lines = done.stderr.splitlines()
+    assert done.returncode == 1 and len(lines) == 1, done.stderr
+    assert lines[0].startswith("error: the manifest does not say where the unet weights came from"), done.stderr

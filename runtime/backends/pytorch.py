@@ -10,7 +10,7 @@ from typing import ContextManager
 
 import torch
 
-from engines.manifest import Manifest
+from engines.manifest import Manifest, ManifestError
 
 from ..numerics import full_fp32
 from ..upscale_pass import timesteps, x0_from_velocity
@@ -85,7 +85,7 @@ class TorchBackend(Backend):
         except CheckpointError as exc:  # the weights could not be read (offline: not in a local cache)
             hint = " (auto reads local files and the Hugging Face cache only; backend='torch' downloads)" if offline else ""
             raise BackendUnavailable(f"the torch backend cannot rebuild the models{hint}: {exc}") from exc
-        except (ValueError, TypeError, KeyError) as exc:  # no source recorded, other weights; a hand-edited record
+        except (ManifestError, ValueError, TypeError, KeyError) as exc:  # no source recorded, other weights; a hand-edited record
             raise BackendUnavailable(f"the torch backend cannot rebuild the models: {exc}") from exc
         self.device, self.precision, self.compile_mode = device, precision, compile_mode
         self.name = "torch" if precision == "fp32" and compile_mode is None else (
