@@ -48,7 +48,9 @@ PASS = "pass"  # the whole pass's entry in the results, beside the components
 # shape's first call plainly, its second plainly and then captures a CUDA graph, and replays the
 # graph from the third (runtime.backends.tensorrt); torch.compile's reduce-overhead mode records on
 # the second call and replays from the third too. Elsewhere the later calls show that repeated
-# calls at one shape agree with the first (the third keeps its name).
+# calls at one shape agree with the first (the third keeps its name). The replayed call gets its
+# batch in reverse order where it holds more than one item (the items are independent), so a
+# replay that computes on the previous call's inputs fails too.
 CALLS = ("first call", "second call", "replayed call")
 WHOLE_PASS = "whole pass"  # the pass runs once, on launches its cases already replayed
 VERDICTS = "verdicts"  # under the user cache folder
@@ -265,6 +267,12 @@ def _stored_case(tensors: dict[str, torch.Tensor], component: str, case: dict,
             {n: tensors[f"{prefix}/outputs/{n}"] for n in outputs})
 
 
+def _batch(inputs: dict[str, torch.Tensor]) -> int:
+    """The batch every input shares (1 where they do not agree: nothing to reorder)."""
+    sizes = {t.shape[0] if t.dim() else 1 for t in inputs.values()}
+    return sizes.pop() if len(sizes) == 1 else 1
+
+
 def _spoil(outputs: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor]) -> None:
     """Fill outputs already compared with NaN. A backend may hand back the same buffers on every
     call at a shape (TensorRT's launches do); a later call that writes nothing into them (a
@@ -310,13 +318,16 @@ def run_check_set(backend: Backend, folder: str | Path, manifest: Manifest) -> C
                     checks = {n: OutputCheck(component, n, precision, limits[n], where) for n in limits}
                     for call in CALLS:
                         at = f"{where}, {call}"
-                        outputs = backend.run(component, inputs)
+                        reverse = call == CALLS[-1] and _batch(inputs) > 1
+                        fed = {n: t.flip(0) for n, t in inputs.items()} if reverse else inputs
+                        outputs = backend.run(component, fed)
                         for name, check in checks.items():
                             if name not in outputs:
                                 raise RuntimeError(f"the backend returned no output {name}")
                             produced[name] = outputs[name].dtype
-                            check.calls.append(_compare(call, outputs[name].float(), expected[name]))
-                        _spoil(outputs, inputs)
+                            got = outputs[name].float()
+                            check.calls.append(_compare(call, got.flip(0) if reverse else got, expected[name]))
+                        _spoil(outputs, fed)
                     result.outputs += checks.values()
             except (RuntimeError, ValueError, TypeError) as exc:  # the backend's own failures
                 result.errors[component] = f"at {at}: " + (" ".join(str(exc).split())[:300] or type(exc).__name__)
