@@ -44,7 +44,7 @@ from engines.manifest import CPU_INT8, load_manifest
 from engines.targets import target_for_device
 from engines.files import atomic_output, check_output_file
 from runtime import InvalidArgumentError
-from runtime.upscale_pass import timesteps, x0_from_velocity
+from runtime.upscale_pass import PASS_COMPONENTS, timesteps, x0_from_velocity
 from runtime.metrics import difference, percentile
 from runtime.numerics import full_fp32
 from runtime.tiling import decode_tile, decode_tiled, tile_overlap, tile_starts
@@ -354,7 +354,7 @@ def _flops(models: Models | None, counters: dict, component: str, size: int) -> 
     if models is None:
         return None
     low, high = _latent_sides(size)
-    parts = ["cond_encoder", "unet"] if component == "pipeline" else [component]
+    parts = list(PASS_COMPONENTS) if component == "pipeline" else [component]
     total = 0
     for part in parts:
         if part not in counters:

@@ -13,6 +13,7 @@ from calib.data import add_calibration_arguments, calibration_from_args
 from engines.cli import SEED_RANGE, int_in_range, run_cli
 from engines.files import atomic_output, check_output_file
 from runtime import Upscaler
+from runtime.upscale_pass import PASS_COMPONENTS
 
 from .models.weights_record import models_from_weights_record
 from .onnx.components import COMPONENTS
@@ -51,10 +52,11 @@ def accuracy_command(argv: list[str] | None = None) -> int:
         calibration = calibration_from_args(args, min_side=smallest)
         for sample in calibration.samples:
             upscaler.check_input(sample, 2)
-        components = ["cond_encoder", "unet"] + (["vae_decoder"] if args.decoded_psnr else [])
+        components = [*PASS_COMPONENTS, *(["vae_decoder"] if args.decoded_psnr else [])]
         models = models_from_weights_record(manifest.weights, components)
         decoder = COMPONENTS["vae_decoder"].module(models) if args.decoded_psnr else None
-        report = measure(upscaler.backend.run, pass_reference(models.unet), calibration, precision, decoder, args.seed, upscaler.device)
+        report = measure(upscaler.backend.run, pass_reference(models.unet), calibration, precision, decoder, args.seed,
+                         upscaler.device)
     print(f"{args.artifacts} ({upscaler.backend_name}, {calibration.describe()['source']}): {report.summary()}")
     if args.json:
         with atomic_output(args.json) as partial:

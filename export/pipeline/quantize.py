@@ -72,13 +72,14 @@ def quantize_components(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     results = {}
+    encode = eager_encode(models)
     try:
         for component in PASS_COMPONENTS:
             spec = COMPONENTS[component]
             start = time.perf_counter()
             float_part = encoding.float_part
             graph = export_component(spec, models, float_part, staging / graph_filename(spec, float_part, models.cut)).path
-            feeds = calibration_inputs(component, eager_encode(models), calibration, seed)
+            feeds = calibration_inputs(component, encode, calibration, seed)
             results[component] = replace(quantize_graph(
                 graph, staging / graph_filename(spec, precision, models.cut), component, encoding.precision, feeds,
                 keep, encoding.unsigned_activations), precision=precision)
