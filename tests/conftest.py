@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -13,7 +14,10 @@ from engines.targets import PRESETS
 from export.build import BuildSettings, build_artifacts
 from export.checkpoint import load_unet, random_vae, seeded_init
 from export.models import UpscalerUNet
+from export.onnx import exporter
 from export.onnx.components import Models
+
+from .export_memo import TRACE_MEMO, memoized
 
 DATA = Path(__file__).resolve().parent / "data"
 KEYS_JSON = DATA / "flow_upscaler_keys.json"  # provenance: tests/data/README.md
@@ -23,6 +27,22 @@ SHARED_KEYS_JSON = SHARED / "data" / "flow_upscaler_keys.json"
 
 SMALL_UNET = dict(base_channels=32, time_dim=32, cond_dim=64)
 SMALL_VAE = dict(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8)
+
+
+def _run_folder(tmp_path_factory) -> Path:
+    """The temporary folder of the whole run: under pytest-xdist every worker has its own below it."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.fixture(scope="session", autouse=True)
+def trace_memo(tmp_path_factory) -> Iterator[Path]:
+    """Builds share the first torch.export trace of each module state (tests/export_memo.py)."""
+    folder = _run_folder(tmp_path_factory) / "traces"
+    os.environ[TRACE_MEMO] = str(folder)  # for the builds tests start in subprocesses (install())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(exporter, "trace", memoized(exporter.trace, folder))
+        yield folder
 
 
 @pytest.fixture(scope="session")
@@ -58,11 +78,8 @@ def small_artifacts(small_models, tmp_path_factory) -> Path:
     """
     from filelock import FileLock
 
-    # Under pytest-xdist every worker has its own temporary folder below one shared by the run: the
-    # folder is built there once, by the first worker that needs it, and read by all.
-    shared = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        shared = shared.parent
+    # Built once in the run's folder, by the first worker that needs it, and read by all.
+    shared = _run_folder(tmp_path_factory)
     out = shared / "small_artifacts"
     with FileLock(str(shared / "small_artifacts.lock")):
         if not (out / "manifest.json").is_file():

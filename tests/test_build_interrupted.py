@@ -41,6 +41,8 @@ from export.build import BuildSettings, build_artifacts
 from export.checkpoint import load_unet, random_vae
 from export.onnx.components import Models
 from tests.conftest import SMALL_UNET, SMALL_VAE
+from tests.export_memo import install
+install()
 models = Models(unet=load_unet(random_weights=True, seed={NEW_SEED}, **SMALL_UNET), vae=random_vae({NEW_SEED}, **SMALL_VAE))
 settings = BuildSettings(target=PRESETS["rtx4090"].with_range(64, 512), precision="fp16", vae_precision="fp32")
 print("started", flush=True)

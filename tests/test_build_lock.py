@@ -45,7 +45,9 @@ from export.checkpoint import load_unet, random_vae
 from export.onnx.components import Models
 from engines.cli import run_cli
 from tests.conftest import SMALL_UNET, SMALL_VAE
+from tests.export_memo import install
 
+install()
 argv = sys.argv[1:]
 seed = int(argv[argv.index("--seed") + 1]) if "--seed" in argv else 0
 models = Models(unet=load_unet(random_weights=True, seed=seed, **SMALL_UNET), vae=random_vae(seed, **SMALL_VAE))

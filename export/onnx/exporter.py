@@ -75,7 +75,8 @@ def _name_output_axes(model: onnx.ModelProto, component: Component) -> None:
             dim.dim_param = label
 
 
-def _trace(module: TypedGraph, component: Component, inputs: tuple[torch.Tensor, ...]) -> onnx.ModelProto:
+def trace(module: TypedGraph, component: Component, inputs: tuple[torch.Tensor, ...]) -> onnx.ModelProto:
+    """The raw torch.export trace (most of an export's time), before clean-up."""
     dynamic_shapes = tuple(component.dynamic_axes[n] for n in component.inputs)
     with warnings.catch_warnings(), quiet_logger("torch.onnx"):
         warnings.simplefilter("ignore")
@@ -113,7 +114,7 @@ def export_component(
     inputs = example_inputs(component, models, policy, component.export_size)
     start = time.perf_counter()
     with torch.no_grad():
-        traced = _trace(module, component, inputs)
+        traced = trace(module, component, inputs)
     exported = time.perf_counter()
     cleaned = clean_up(traced)
     _name_output_axes(cleaned, component)

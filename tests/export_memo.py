@@ -1,0 +1,54 @@
+"""One torch.export trace per module state in a test run.
+
+Tracing is most of every small build's time, and a trace depends only on the module (its
+architecture and weights), the component and the example inputs' shapes and dtypes: builds of the
+same small models in many tests share the first one, stored as ONNX under ``TRACE_MEMO``'s folder.
+Clean-up, validation against eager and everything after run for real in each build. The exporter's
+own tests (tests/test_onnx_export.py) trace for real.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import onnx
+import torch
+
+from engines.files import atomic_output
+from export.onnx import exporter
+
+TRACE_MEMO = "FLOW_UPSCALER_TEST_TRACE_MEMO"  # the folder; children started by tests inherit it
+REAL_TRACE = exporter.trace
+
+
+def _key(module: torch.nn.Module, component, inputs: tuple[torch.Tensor, ...]) -> str:
+    digest = hashlib.sha256()
+    for part in (torch.__version__, exporter.OPSET, component.name, repr(component.dynamic_axes), repr(module),
+                 [(tuple(x.shape), str(x.dtype)) for x in inputs]):
+        digest.update(repr(part).encode())
+    for name, tensor in module.state_dict().items():
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def memoized(trace, folder: Path):
+    def trace_once(module, component, inputs):
+        path = folder / f"{component.name}.{_key(module, component, inputs)}.onnx"
+        if path.is_file():
+            return onnx.load(str(path))
+        model = trace(module, component, inputs)
+        with atomic_output(path, shared=True) as partial:
+            onnx.save(model, str(partial))
+        return model
+
+    return trace_once
+
+
+def install(folder: Path | None = None) -> None:
+    """Memoize ``exporter.trace`` in this process (``folder`` or the one ``TRACE_MEMO`` names)."""
+    folder = Path(folder or os.environ[TRACE_MEMO])
+    folder.mkdir(parents=True, exist_ok=True)
+    exporter.trace = memoized(exporter.trace, folder)
