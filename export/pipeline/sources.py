@@ -10,6 +10,7 @@ soon as something imports it. Imports under ``if TYPE_CHECKING:`` never run and 
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 from pathlib import Path
 
@@ -31,12 +32,19 @@ def _with_parents(names: set[str]) -> set[str]:
     return {".".join(name.split(".")[:end]) for name in names for end in range(1, name.count(".") + 2)}
 
 
-def _imported_names(name: str, path: Path) -> set[str]:
+def _imported_names(name: str, path: Path) -> frozenset[str]:
     """Every module name the source of ``name`` imports, wherever the import statement is, as
     absolute names (``from a import b`` yields ``a`` and ``a.b``: ``b`` may be a submodule)."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    return _names_in_source(package, path.read_bytes(), str(path))
+
+
+@functools.lru_cache(maxsize=1024)
+def _names_in_source(package: str, source: bytes, filename: str) -> frozenset[str]:
+    # Cached by content: a build computes several stages' keys over mostly the same files, and an
+    # edited file is parsed again because its bytes differ.
     names = set()
-    for node in _run_nodes(ast.parse(path.read_bytes(), str(path))):
+    for node in _run_nodes(ast.parse(source, filename)):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -48,7 +56,7 @@ def _imported_names(name: str, path: Path) -> set[str]:
                 module = node.module
             names.add(module)
             names.update(f"{module}.{alias.name}" for alias in node.names)
-    return names
+    return frozenset(names)
 
 
 def _run_nodes(tree: ast.AST):
