@@ -28,6 +28,9 @@ def _key(module: torch.nn.Module, component, inputs: tuple[torch.Tensor, ...]) -
     for part in (torch.__version__, exporter.OPSET, component.name, repr(component.dynamic_axes), repr(module),
                  [(tuple(x.shape), str(x.dtype)) for x in inputs]):
         digest.update(repr(part).encode())
+    for name, part in module.named_modules():  # settings a forward may read besides its weights
+        settings = {k: v for k, v in vars(part).items() if isinstance(v, (bool, int, float, str, tuple, torch.dtype))}
+        digest.update(f"{name}{type(part).__qualname__}{sorted(settings.items(), key=str)}".encode())
     for name, tensor in module.state_dict().items():
         digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
