@@ -33,7 +33,7 @@ from runtime.serving.repository import (
     write_repository,
 )
 from runtime.serving.requests import Request, Result, serve_batch
-from runtime.serving.server import Ports, ServeError, TritonServer, scratch_dir
+from runtime.serving.server import Ports, TritonServer, scratch_dir
 from tests.test_serving_service import service_environment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -479,47 +479,6 @@ def test_malformed_json_requests_are_refused_and_the_server_stays_ready(server, 
     got, error = _post_json(server, body)
     assert got == status and message in error, (got, error)
     assert server["client"].is_server_ready()
-
-
-def test_a_json_request_declaring_a_huge_shape_is_refused_or_reported_as_a_crash(small_artifacts):
-    """230 bytes declaring latents [1, 32, 100000, 100000]: Triton 2.51 allocates the declared 1.28 TB
-    while parsing the JSON and aborts; binary HTTP and gRPC refuse it. Either the server survives
-    (a newer Triton) or the command reports the crash as one (signal, Triton's last words) and exits 1.
-    The default host is 127.0.0.1: only this machine could send it."""
-    ports = _ports()
-    process = _serve(small_artifacts, ports, "--backend", "onnxruntime")
-    try:
-        lines = _wait_line(process, "ready in", READY_S)
-        assert f"HTTP http://127.0.0.1:{ports.http}/" in lines[-1] and not any("warning" in x for x in lines), lines
-        triton = _tritonservers_on(ports.http)
-        body = json.dumps({"inputs": [
-            {"name": "latents", "shape": [1, 32, 100_000, 100_000], "datatype": "FP32", "data": [0.0]},
-            {"name": "scale", "shape": [1, 1], "datatype": "INT32", "data": [2]},
-            {"name": "seed", "shape": [1, 1], "datatype": "INT64", "data": [1]},
-        ]}).encode()
-        try:
-            status, error = _post_json({"ports": ports}, body)
-        except (urllib.error.URLError, ConnectionError) as exc:  # no answer: the connection died with Triton
-            status, error = None, str(exc)
-        try:
-            out, _ = process.communicate(timeout=30)
-        except subprocess.TimeoutExpired:  # survived (a newer Triton; once, unexplained, 2.51 dropped the request)
-            assert status is None or 400 <= status < 500, (status, error)
-            client = httpclient.InferenceServerClient(f"127.0.0.1:{ports.http}")
-            assert client.is_server_ready(), "the server neither answers nor stopped"
-            client.close()
-            code, rest = _stop(process)
-            assert code == 0, rest
-            return
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
-    assert process.returncode == 1, (status, error, out)
-    message = out.strip().splitlines()[-1]
-    assert message.startswith("error: the Triton server stopped while serving: it crashed (SIGABRT, signal 6)"), out
-    assert "std::bad_alloc" in message and "NVML" not in message, message
-    assert not [pid for pid in triton if Path(f"/proc/{pid}").exists()], "tritonserver left running"
 
 
 @pytest.mark.parametrize("public_http, bound", [(False, "127.0.0.1"), (True, "0.0.0.0")])
