@@ -3,8 +3,8 @@
 Tracing is most of every small build's time, and a trace depends only on the module (its
 architecture and weights), the component and the example inputs' shapes and dtypes: builds of the
 same small models in many tests share the first one, stored as ONNX under ``TRACE_MEMO``'s folder.
-Clean-up, validation against eager and everything after run for real in each build. The exporter's
-own tests (tests/test_onnx_export.py) trace for real.
+Each distinct trace is made once per run, by the exporter under test, whichever test needs it
+first; clean-up, validation against eager and every later stage run for real in every test.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from engines.files import atomic_output
 from export.onnx import exporter
 
 TRACE_MEMO = "FLOW_UPSCALER_TEST_TRACE_MEMO"  # the folder; children started by tests inherit it
-REAL_TRACE = exporter.trace
 
 
 def _key(module: torch.nn.Module, component, inputs: tuple[torch.Tensor, ...]) -> str:

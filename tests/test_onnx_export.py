@@ -14,22 +14,12 @@ from export.checkpoint import random_vae, seeded_init
 from export.models import UpscalerUNet, VAEDecoder
 from export.onnx.__main__ import main
 from export.onnx.components import COMPONENTS, Models
-from export.onnx import exporter
 from export.onnx.exporter import export_component, graph_filename
 from export.models.precision import DEFAULT_POLICY, Fp32NearestUpsample, apply_policy
 from export.onnx.validate import validate_graph
 from tests.conftest import SMALL_UNET, SMALL_VAE
-from tests.export_memo import REAL_TRACE
 
 FLOAT, FLOAT16, BFLOAT16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16
-
-
-@pytest.fixture(scope="module", autouse=True)
-def real_trace():
-    """These tests are of the exporter: every trace here is made, none taken from the run's memo."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(exporter, "trace", REAL_TRACE)
-        yield
 
 
 @pytest.fixture(scope="module")
