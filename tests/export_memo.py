@@ -5,6 +5,7 @@ architecture and weights), the component and the example inputs' shapes and dtyp
 same small models in many tests share the first one, stored as ONNX under ``TRACE_MEMO``'s folder.
 Each distinct trace is made once per run, by the exporter under test, whichever test needs it
 first; clean-up, validation against eager and every later stage run for real in every test.
+Tests that need weights other than the small models' (seed 0) take seed 1, so those are shared too.
 """
 
 from __future__ import annotations
