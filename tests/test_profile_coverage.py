@@ -16,7 +16,7 @@ import pytest
 from engines.memory import GraphMemoryModel
 from engines.profiles import admitting_profile, select_profile
 from engines.targets import PRESETS
-from export.onnx.components import COMPONENTS, Models
+from export.onnx.components import COMPONENTS
 from export.onnx.exporter import export_component
 from export.pipeline.profiles import derive_profiles
 from export.pipeline.settings import BuildSettings
