@@ -111,13 +111,11 @@ def test_a_crashed_server_comes_back_and_a_crash_loop_gives_up(small_artifacts):
     tritons = []
     try:
         assert output.wait_for("ready in", READY_S), output.lines
+        ready = next(line for line in output.lines if "ready in" in line)
+        assert f"HTTP http://127.0.0.1:{ports.http}/" in ready, ready  # the default host: loopback only
+        assert not any("warning" in line for line in output.lines), output.lines
         tritons.append(_triton_of(ports))
-        answer = _send_crafted(ports.http)
-        assert output.wait_for("Triton stopped while serving", 60), (
-            f"the crafted request no longer crashes Triton (it got {answer}): kill the Triton process instead",
-            output.lines)
-        crash = next(line for line in output.lines if "Triton stopped while serving" in line)
-        assert "it crashed (SIGABRT, signal 6)" in crash and "std::bad_alloc" in crash, crash
+        crash = _crash(ports, output)
         assert "restarting it in 1 s on the same ports (crash 1 within 600 s; the service gives up at 2)" in crash, crash
         assert output.wait_for("restarted: ready again in", READY_S), output.lines
         tritons.append(_triton_of(ports))
@@ -134,6 +132,42 @@ def test_a_crashed_server_comes_back_and_a_crash_loop_gives_up(small_artifacts):
                                            "--crash-window 600); gave up. Last: it crashed (SIGABRT"), text
         assert "Traceback" not in text and text.count("restarted: ready again") == 1, text
         assert _triton_of(ports) is None and _stubs_of(tritons[1][0]) == {}, "a server or model process outlived it"
+    finally:
+        for triton in tritons or [None]:
+            _end(process, triton)
+
+
+def _crash(ports: Ports, output: _Output) -> str:
+    """Send the crafted request; the command's line saying Triton crashed on it."""
+    answer = _send_crafted(ports.http)
+    assert output.wait_for("Triton stopped while serving", 60), (
+        f"the crafted request no longer crashes Triton (it got {answer}): kill the Triton process instead",
+        output.lines)
+    crash = next(line for line in output.lines if "Triton stopped while serving" in line)
+    assert "it crashed (SIGABRT, signal 6)" in crash and "std::bad_alloc" in crash, crash
+    assert "NVML" not in crash, crash  # Triton's last words, without its start-up noise
+    return crash
+
+
+def test_a_restarted_server_still_stops_cleanly_on_sigterm(small_artifacts):
+    """After a crash and its restart, the service's stop (SIGTERM) is a normal one: exit 0, and
+    neither server nor model process is left."""
+    ports = Ports.free()
+    process = _serve(small_artifacts, ports)
+    output = _Output(process)
+    tritons = []
+    try:
+        assert output.wait_for("ready in", READY_S), output.lines
+        tritons.append(_triton_of(ports))
+        _crash(ports, output)
+        assert output.wait_for("restarted: ready again in", READY_S), output.lines
+        tritons.append(_triton_of(ports))
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+        assert process.returncode == 0, output.text()
+        assert "Traceback" not in output.text(), output.text()
+        assert _triton_of(ports) is None, "tritonserver outlived the command"
+        assert all(_stubs_of(triton[0]) == {} for triton in tritons if triton), "a model process outlived it"
     finally:
         for triton in tritons or [None]:
             _end(process, triton)
