@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import fields
 from pathlib import Path
 
 import onnx
@@ -23,14 +24,32 @@ from export.onnx import exporter
 TRACE_MEMO = "FLOW_UPSCALER_TEST_TRACE_MEMO"  # the folder; children started by tests inherit it
 
 
+def _describe(value) -> str:
+    """A text of ``value`` that is the same in every process: plain values as they are, containers
+    item by item, functions and methods by their code, anything else by its type."""
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype)):
+        return repr(value)
+    if isinstance(value, (tuple, list, set, frozenset)):
+        items = [_describe(item) for item in value]
+        return f"{type(value).__name__}({sorted(items) if isinstance(value, (set, frozenset)) else items})"
+    if isinstance(value, dict):
+        return f"dict({sorted(f'{_describe(k)}: {_describe(v)}' for k, v in value.items())})"
+    code = getattr(getattr(value, "__func__", value), "__code__", None)
+    if code is not None:
+        return f"code({code.co_filename}:{code.co_firstlineno}, {code.co_names}, {code.co_code.hex()})"
+    return f"object({type(value).__module__}.{type(value).__qualname__})"
+
+
 def _key(module: torch.nn.Module, component, inputs: tuple[torch.Tensor, ...]) -> str:
     digest = hashlib.sha256()
-    for part in (torch.__version__, exporter.OPSET, component.name, repr(component.dynamic_axes), repr(module),
-                 [(tuple(x.shape), str(x.dtype)) for x in inputs]):
+    plain = {f.name: _describe(getattr(component, f.name)) for f in fields(component)
+             if not callable(getattr(component, f.name))}  # the builders: the module is what is traced
+    for part in (torch.__version__, exporter.OPSET, plain, [(tuple(x.shape), str(x.dtype)) for x in inputs]):
         digest.update(repr(part).encode())
-    for name, part in module.named_modules():  # settings a forward may read besides its weights
-        settings = {k: v for k, v in vars(part).items() if isinstance(v, (bool, int, float, str, tuple, torch.dtype))}
-        digest.update(f"{name}{type(part).__qualname__}{sorted(settings.items(), key=str)}".encode())
+    for name, part in module.named_modules():  # what a forward may read besides the weights
+        settings = {k: _describe(v) for k, v in vars(part).items() if k not in ("_parameters", "_buffers", "_modules")}
+        digest.update(f"{name} {type(part).__module__}.{type(part).__qualname__} {_describe(type(part).forward)} "
+                      f"{sorted(settings.items())}".encode())
     for name, tensor in module.state_dict().items():
         digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
