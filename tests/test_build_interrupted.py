@@ -41,8 +41,9 @@ from export.build import BuildSettings, build_artifacts
 from export.checkpoint import load_unet, random_vae
 from export.onnx.components import Models
 from tests.conftest import SMALL_UNET, SMALL_VAE
-from tests.export_memo import install
-install()
+if sys.argv[2] == "shared-traces":
+    from tests.export_memo import install
+    install()
 models = Models(unet=load_unet(random_weights=True, seed={NEW_SEED}, **SMALL_UNET), vae=random_vae({NEW_SEED}, **SMALL_VAE))
 settings = BuildSettings(target=PRESETS["rtx4090"].with_range(64, 512), precision="fp16", vae_precision="fp32")
 print("started", flush=True)
@@ -72,8 +73,11 @@ def _unnamed_files(folder: Path) -> list[str]:
 
 
 def _stop_build_at(folder: Path, marker: str, sig: int) -> int:
+    # Ctrl-C is to land inside torch.export (the unet's trace, most of its stage): that build traces
+    # for real; the killed ones take the run's shared traces (tests/export_memo.py).
+    traces = "own-traces" if sig == signal.SIGINT else "shared-traces"
     process = subprocess.Popen(
-        [sys.executable, "-c", BUILD, str(folder)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-c", BUILD, str(folder), traces], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
         for line in process.stdout:
