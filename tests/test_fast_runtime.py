@@ -14,18 +14,12 @@ import pytest
 import torch
 
 from calib.accuracy import THRESHOLDS
-from engines.targets import PRESETS
-from export.build import BuildSettings, build_artifacts
-from export.checkpoint import load_unet
-from export.onnx.components import Models
 from export.reference import upscale as reference_upscale
 from export.reference import velocity
 from runtime import Upscaler
 from runtime.noise import CpuNoise, DeviceNoise
 from runtime.numerics import full_fp32
 from runtime import InvalidArgumentError
-
-from .conftest import SMALL_UNET
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,16 +39,9 @@ def _fp32_switches() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def pass_folder(tmp_path_factory):
-    """cond_encoder + unet in fp16, random weights: what the torch backend rebuilds and checks."""
-    out = tmp_path_factory.mktemp("fast_runtime")
-    unet = load_unet(random_weights=True, seed=0, **SMALL_UNET)
-    settings = BuildSettings(
-        target=PRESETS["rtx4090"].with_range(64, 512), precision="fp16", vae_precision="fp32",
-        components=("cond_encoder", "unet"), weights={"unet": {"source": "random", "seed": 0}},
-    )
-    build_artifacts(Models(unet=unet), settings, out, log=lambda line: None)
-    return out, unet
+def pass_folder(small_artifacts, small_models):
+    """The run's small folder (fp16 graphs, random weights): what the torch backend rebuilds and checks."""
+    return small_artifacts, small_models.unet
 
 
 # -- the noise convention ---------------------------------------------------------------------
