@@ -69,8 +69,8 @@ def memoized(trace, folder: Path):
     return trace_once
 
 
-def install(folder: Path | None = None) -> None:
-    """Memoize ``exporter.trace`` in this process (``folder`` or the one ``TRACE_MEMO`` names)."""
-    folder = Path(folder or os.environ[TRACE_MEMO])
+def install() -> None:
+    """Memoize ``exporter.trace`` in a build a test started, in the folder ``TRACE_MEMO`` names."""
+    folder = Path(os.environ[TRACE_MEMO])
     folder.mkdir(parents=True, exist_ok=True)
     exporter.trace = memoized(exporter.trace, folder)
